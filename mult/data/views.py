@@ -1,0 +1,97 @@
+"""What every dataset format hands the rest of the pipeline.
+
+A format module (``mult.data.taskonomy``, ``.nyu``, ``.cocodoom``) provides:
+
+* a reader class, built as ``Reader(root, split=None, split_file=None)``, with
+  ``groups() -> list[str]`` (the units of parallel conversion: buildings, scenes, runs) and
+  ``views(group) -> Iterator[View]``, where each :class:`View` carries the bytes of its files;
+* ``to_raw(members: dict[str, bytes], key: str) -> dict[str, np.ndarray]``, which turns a view's
+  members (as stored in a shard: domain -> bytes) into ``"rgb"`` (``uint8 [H, W, 3]``),
+  optionally ``"mask_valid"`` (``bool [H, W]``), and one array per task the format has labels
+  for, **in that task's Taskonomy raw encoding** (what :attr:`mult.tasks.TaskSpec.to_target`
+  takes). So shards keep each format's original bytes, and the loader decodes every format to
+  the same targets.
+
+:func:`get_format` finds a format by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+FORMAT_MODULES = {
+    "taskonomy": ("mult.data.taskonomy", "TaskonomyReader"),
+    "replica": ("mult.data.taskonomy", "ReplicaReader"),
+    "nyu": ("mult.data.nyu", "NYUReader"),
+    "cocodoom": ("mult.data.cocodoom", "CocoDoomReader"),
+}
+
+
+class MissingDomainError(KeyError):
+    """A view lacks a domain that was asked for; the message names the view and the domain."""
+
+
+@dataclass
+class Member:
+    """One file of a view: its bytes, or the path to read them from (read lazily)."""
+
+    ext: str  # "png" or "json"
+    data: bytes | None = None
+    path: str | None = None
+
+    def read(self) -> bytes:
+        if self.data is None:
+            if self.path is None:
+                raise ValueError("a Member needs data or a path")
+            self.data = Path(self.path).read_bytes()
+        return self.data
+
+
+@dataclass
+class View:
+    """One camera view with all its domains.
+
+    ``key`` is unique within a dataset and contains no dots (webdataset splits member names on
+    the first dot). ``missing`` lists the domains this format normally has that this view lacks.
+    """
+
+    key: str
+    group: str
+    members: dict[str, Member]
+    missing: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if "." in self.key:
+            raise ValueError(f"view key {self.key!r} contains a dot")
+
+
+class Reader(Protocol):
+    format: str
+
+    def groups(self) -> list[str]: ...
+
+    def views(self, group: str) -> Iterator[View]: ...
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    reader: type
+    to_raw: Callable[[dict[str, bytes], str], dict[str, np.ndarray]]
+    module: ModuleType
+
+
+def get_format(name: str) -> Format:
+    """The reader class and ``to_raw`` of a format, by name."""
+    if name not in FORMAT_MODULES:
+        raise ValueError(f"unknown dataset format {name!r}; valid formats: {', '.join(FORMAT_MODULES)}")
+    module_name, reader_name = FORMAT_MODULES[name]
+    module = importlib.import_module(module_name)
+    to_raw = getattr(module, f"{name}_to_raw", None) or module.to_raw
+    return Format(name, getattr(module, reader_name), to_raw, module)
