@@ -358,13 +358,22 @@ def validate(cfg: Config) -> None:
     lo_hi = cfg.tune.weight_range
     if len(lo_hi) != 2 or not 0 < lo_hi[0] < lo_hi[1]:
         raise ConfigError(f"tune.weight_range: need [low, high] with 0 < low < high, got {lo_hi}")
+    for arm in cfg.tune.extra_arms:
+        if arm not in ("uncertainty", "dwa"):
+            raise ConfigError(f"tune.extra_arms: {arm!r} is not allowed; choose from ['uncertainty', 'dwa']")
+
+
+def validate_tune(cfg: Config) -> None:
+    """Checks that only matter for a search (a training run ignores the tune section)."""
     if cfg.tune.fixed_task is not None and cfg.tune.fixed_task not in cfg.tasks:
         raise ConfigError(
             f"tune.fixed_task: {cfg.tune.fixed_task!r} is not among tasks ({', '.join(cfg.tasks)})"
         )
-    for arm in cfg.tune.extra_arms:
-        if arm not in ("uncertainty", "dwa"):
-            raise ConfigError(f"tune.extra_arms: {arm!r} is not allowed; choose from ['uncertainty', 'dwa']")
+    searched = [t for t in cfg.tasks if t != cfg.tune.fixed_task]
+    if not searched:
+        raise ConfigError("tune: nothing to search; every task's weight is fixed")
+    if cfg.tune.num_samples < 1 or cfg.tune.max_concurrent_trials < 1:
+        raise ConfigError("tune.num_samples and tune.max_concurrent_trials must be >= 1")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
