@@ -1,0 +1,195 @@
+"""Loss weighting strategies: how per-task losses become one number to minimise.
+
+:class:`mult.losses.LossCombiner` holds one of these; nothing else weights losses. Every
+strategy multiplies each task's loss by its static weight from ``loss_weights`` (what Ray Tune
+searches) and by a strategy factor:
+
+* ``fixed``: factor 1.
+* ``uncertainty`` (Kendall, Gal & Cipolla, CVPR 2018): a learnable log-variance
+  ``s_t = log sigma_t^2`` per task. A regression task contributes
+  ``w_t * (0.5 * exp(-s_t) * L_t + 0.5 * s_t)`` (``1 / (2 sigma^2) L + log sigma``), a
+  classification task ``w_t * (exp(-s_t) * L_t + 0.5 * s_t)`` (``1 / sigma^2 L + log sigma``).
+  The static weight scales the whole term, so it does not move the optimum of ``s_t``.
+* ``dwa``, Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019):
+  ``lambda_t = K * softmax_t(r_t / T)`` with ``r_t = L_t(e-1) / L_t(e-2)``, the ratio of the
+  task's mean loss over the last two finished epochs; ``lambda_t = 1`` until two epochs have
+  ended. The epoch means are handed over explicitly by :meth:`Weighting.end_epoch` (reduce them
+  across ranks first, so every rank weights alike).
+
+All state (log-variances, DWA history and factors) lives in parameters and buffers, so the
+strategy's ``state_dict`` is the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mult.tasks import TASKS
+
+
+class Weighting(nn.Module):
+    """Base class: a static weight per task times a strategy factor.
+
+    Subclasses override :meth:`_terms` (and :meth:`end_epoch` if they keep history).
+    """
+
+    def __init__(self, tasks: Sequence[str], weights: Mapping[str, float]) -> None:
+        super().__init__()
+        self.tasks: tuple[str, ...] = tuple(tasks)
+        self.static: dict[str, float] = {t: float(weights[t]) for t in self.tasks}
+
+    def forward(
+        self, losses: Mapping[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Combine scalar per-task losses (a subset of ``self.tasks``).
+
+        Returns ``(total, effective_weights, extras)``: the scalar to back-propagate, the
+        multiplier each present task's loss received, and the strategy's learned values
+        (detached is up to the caller).
+        """
+        terms, effective, extras = self._terms(losses)
+        total = torch.stack([term.float() for term in terms.values()]).sum()
+        return total, effective, extras
+
+    def _terms(
+        self, losses: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def end_epoch(self, mean_losses: Mapping[str, float]) -> None:
+        """Called once per epoch with every task's mean loss; stateless strategies ignore it."""
+
+
+class FixedWeighting(Weighting):
+    """``total = sum_t w_t * L_t``."""
+
+    def _terms(self, losses):
+        terms, effective = {}, {}
+        for task, loss in losses.items():
+            weight = torch.tensor(self.static[task], dtype=loss.dtype, device=loss.device)
+            terms[task] = weight * loss
+            effective[task] = weight
+        return terms, effective, {}
+
+
+class UncertaintyWeighting(Weighting):
+    """Homoscedastic-uncertainty weighting with one learnable log-variance per task.
+
+    ``log_vars`` (``[T]``, in ``self.tasks`` order, initialised to 0) must be handed to the
+    optimiser. A task absent from a batch still enters the graph with a zero coefficient, so
+    its log-variance gets a (zero) gradient instead of none: DDP and ``find_unused_parameters``
+    stay happy.
+    """
+
+    def __init__(self, tasks: Sequence[str], weights: Mapping[str, float]) -> None:
+        super().__init__(tasks, weights)
+        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))
+        # 1 / sigma^2 for classification, 1 / (2 sigma^2) for regression (Kendall et al., eq. 7-10)
+        self.precision_scale = {
+            t: 1.0 if TASKS[t].kind == "classification" else 0.5 for t in self.tasks
+        }
+
+    def _terms(self, losses):
+        terms, effective, extras = {}, {}, {}
+        for index, task in enumerate(self.tasks):
+            log_var = self.log_vars[index]
+            extras[task] = log_var
+            if task not in losses:
+                terms[task] = 0.0 * log_var
+                continue
+            loss = losses[task]
+            weight = (
+                self.static[task] * self.precision_scale[task] * torch.exp(-log_var).to(loss.dtype)
+            )
+            terms[task] = weight * loss + self.static[task] * 0.5 * log_var.to(loss.dtype)
+            effective[task] = weight
+        return terms, effective, {"log_var": extras}
+
+
+class DynamicWeightAverage(Weighting):
+    """DWA: task factors from the rate at which each task's epoch-mean loss falls.
+
+    Buffers (checkpointed with ``state_dict``): ``history`` ``float64 [2, T]`` (the last two
+    epoch means, oldest first), ``epochs_seen`` (how many of its rows are filled, at most 2),
+    ``factors`` ``float32 [T]`` (the current ``lambda_t``, summing to ``T``).
+    """
+
+    def __init__(
+        self, tasks: Sequence[str], weights: Mapping[str, float], temperature: float = 2.0
+    ) -> None:
+        super().__init__(tasks, weights)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"dwa_temperature must be a finite number > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.register_buffer("history", torch.zeros(2, len(self.tasks), dtype=torch.float64))
+        self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("factors", torch.ones(len(self.tasks)))
+
+    def _terms(self, losses):
+        terms, effective = {}, {}
+        for index, task in enumerate(self.tasks):
+            if task not in losses:
+                continue
+            loss = losses[task]
+            weight = (self.static[task] * self.factors[index]).to(
+                device=loss.device, dtype=loss.dtype
+            )
+            terms[task] = weight * loss
+            effective[task] = weight
+        return (
+            terms,
+            effective,
+            {"dwa_factor": {t: self.factors[i] for i, t in enumerate(self.tasks)}},
+        )
+
+    def end_epoch(self, mean_losses: Mapping[str, float]) -> None:
+        """Record one finished epoch's mean loss per task and recompute the factors.
+
+        Values must be finite and > 0. A task missing from ``mean_losses`` (no labelled batch
+        that epoch) is recorded as unknown, and a ratio involving an unknown value counts as 1.
+        """
+        unknown = sorted(set(mean_losses) - set(self.tasks))
+        if unknown:
+            raise ValueError(
+                f"DWA end_epoch got losses for tasks {unknown} that are not combined; "
+                f"tasks: {list(self.tasks)}"
+            )
+        values = [float(mean_losses.get(t, math.nan)) for t in self.tasks]
+        bad = {t: float(v) for t, v in mean_losses.items() if not (math.isfinite(v) and v > 0)}
+        if bad:
+            raise ValueError(f"DWA end_epoch needs finite mean losses > 0, got {bad}")
+        new = torch.tensor(values, dtype=torch.float64, device=self.history.device)
+        self.history[0] = self.history[1].clone()
+        self.history[1] = new
+        self.epochs_seen.fill_(min(int(self.epochs_seen) + 1, 2))
+        if int(self.epochs_seen) < 2:
+            return
+        ratios = torch.nan_to_num(self.history[1] / self.history[0], nan=1.0)
+        factors = len(self.tasks) * torch.softmax(ratios / self.temperature, dim=0)
+        self.factors.copy_(factors.to(self.factors.dtype))
+
+
+WEIGHTINGS: dict[str, Callable[..., Weighting]] = {
+    "fixed": lambda tasks, weights, dwa_temperature: FixedWeighting(tasks, weights),
+    "uncertainty": lambda tasks, weights, dwa_temperature: UncertaintyWeighting(tasks, weights),
+    "dwa": lambda tasks, weights, dwa_temperature: DynamicWeightAverage(
+        tasks, weights, dwa_temperature
+    ),
+}
+
+
+def build_weighting(
+    name: str, tasks: Sequence[str], weights: Mapping[str, float], dwa_temperature: float = 2.0
+) -> Weighting:
+    """A weighting strategy by name (``fixed`` | ``uncertainty`` | ``dwa``)."""
+    try:
+        factory = WEIGHTINGS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown loss weighting {name!r}; choose from {sorted(WEIGHTINGS)}"
+        ) from None
+    return factory(tasks, weights, dwa_temperature)
