@@ -31,12 +31,33 @@ def decode_png(data: bytes, name: str = "<bytes>", *, palette: bool = False) -> 
     """
     if not data.startswith(_PNG_SIGNATURE):
         raise CorruptFileError(f"{name}: not a PNG file (bad signature)")
+    if len(data) >= 26 and data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6):
+        return _decode_wide_colour(data, name, data[25])
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return _to_array(img, palette)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, zlib.error) as exc:
         raise CorruptFileError(f"{name}: corrupt PNG ({exc})") from exc
+
+
+def _decode_wide_colour(data: bytes, name: str, colour_type: int) -> np.ndarray:
+    """16-bit RGB(A) / gray+alpha PNGs: Pillow squashes these to 8 bits, so OpenCV decodes them.
+
+    Returns ``uint16`` ``[H, W, 3]`` (RGB), ``[H, W, 4]`` (RGBA) or ``[H, W]`` (gray+alpha: the
+    gray channel, as for 8-bit ``LA`` files).
+    """
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype != np.uint16:
+        raise CorruptFileError(f"{name}: corrupt 16-bit colour PNG")
+    if colour_type == 4:
+        return np.ascontiguousarray(arr[..., 0] if arr.ndim == 3 else arr)
+    if arr.ndim != 3:
+        raise CorruptFileError(f"{name}: 16-bit colour PNG decoded to shape {arr.shape}")
+    code = cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
+    return cv2.cvtColor(arr, code)
 
 
 def _to_array(img: Image.Image, palette: bool) -> np.ndarray:
@@ -77,7 +98,8 @@ def encode_png(array: np.ndarray, *, palette: np.ndarray | None = None) -> bytes
         img = Image.fromarray(array.astype(np.uint8), mode="P")
         img.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
     elif array.dtype == np.uint16 and array.ndim == 2:
-        img = Image.fromarray(array, mode="I;16")
+        # Pillow 13 refuses mode="I;16" here; a little-endian uint16 array gets "I;16" by itself.
+        img = Image.fromarray(array.astype("<u2", copy=False))
     elif array.dtype == np.uint8 and array.ndim in (2, 3):
         img = Image.fromarray(array)
     else:
