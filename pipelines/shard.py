@@ -1,0 +1,225 @@
+"""Convert a dataset tree to WebDataset shards, or inspect shards.
+
+    python -m pipelines.shard --format taskonomy --source DIR --out s3://bucket/prefix \\
+        [--split train --split-file CSV] [--samples-per-shard 256] [--resize 256] \\
+        [--max-bad N] [--max-bad-fraction 0.05]
+    python -m pipelines.shard inspect URL [--key KEY]
+
+Conversion runs one Ray task per group (building, scene, run, map): ``ray.init()`` joins the
+cluster at ``RAY_ADDRESS`` when set, else starts a local instance with 2 CPUs. It is resumable:
+rerun the same command after a kill and only unfinished groups are redone. Corrupt and missing
+files go to ``report.json`` next to the shards; the run fails (exit code 2, no manifest) only
+past ``--max-bad`` files or ``--max-bad-fraction`` of the files.
+
+``inspect URL`` prints the manifest summary as JSON; ``--key KEY`` prints one JSON object with
+per-domain statistics of that sample over valid pixels, in physical units (depth in metres,
+normals as unit-vector components, segmentation as class ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Iterable, Sequence
+
+from mult.data.views import FORMAT_MODULES
+
+log = logging.getLogger("pipelines.shard")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--format", choices=sorted(FORMAT_MODULES), help="source dataset format")
+    parser.add_argument("--source", help="dataset root directory")
+    parser.add_argument("--out", help="output: a local directory or s3://bucket/prefix")
+    parser.add_argument("--split", default=None, help="keep one split (train/val/test; format-specific)")
+    parser.add_argument("--split-file", default=None, help="split table (Taskonomy CSV, NYU splits.mat, ...)")
+    parser.add_argument("--samples-per-shard", type=int, default=256)
+    parser.add_argument("--resize", type=int, default=None, metavar="S",
+                        help="write S x S train-resolution shards (each task resized its own way)")
+    parser.add_argument("--check", choices=["png", "decode"], default="png",
+                        help="png: structure and CRC of every PNG (fast); decode: full decode of every view")
+    parser.add_argument("--max-bad", type=int, default=None, help="fail past this many bad files")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.05,
+                        help="fail past this fraction of bad files (default 0.05; negative disables)")
+    parser.add_argument("--overwrite", action="store_true", help="delete everything at --out first")
+    parser.add_argument("--executor", choices=["ray", "local"], default="ray",
+                        help="ray: one Ray task per group (default); local: this process, in order")
+    parser.add_argument("--cpus-per-task", type=float, default=1.0)
+    parser.add_argument("--tmp-dir", default=None, help="where shards are built before upload")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="convert the first group only, locally, to --out (a quick check of a tree)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def get_inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.shard inspect",
+                                     description="Print a shard manifest summary, or one sample's statistics.")
+    parser.add_argument("url", help="shard directory or s3://bucket/prefix")
+    parser.add_argument("--key", default=None, help="a sample key: print its per-domain statistics")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray.
+# ---------------------------------------------------------------------------------------------
+def ray_map(num_cpus: float = 1.0) -> Callable[[Callable[[str], dict], Sequence[str]], Iterable[dict]]:
+    """A ``map_groups`` for :func:`mult.data.shards.convert` running one Ray task per group,
+    with a progress bar. Every group is attempted; failures are raised together at the end."""
+
+    def run(fn: Callable[[str], dict], groups: Sequence[str]) -> list[dict]:
+        import ray
+        from tqdm import tqdm
+
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            # Endpoints are not secrets; credentials stay with each node's own chain.
+            env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_RETRY_MODE")
+                   if k in os.environ}
+            kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+            if address:
+                ray.init(address=address, log_to_driver=True, **kwargs)
+            else:
+                ray.init(num_cpus=2, include_dashboard=False, **kwargs)
+        task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+        pending = {task.remote(g): g for g in groups}
+        results, failures = [], []
+        with tqdm(total=len(groups), unit="group", desc="shard", file=sys.stderr) as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    group = pending.pop(ref)
+                    try:
+                        record = ray.get(ref)
+                        results.append(record)
+                        bar.set_postfix(samples=sum(r["samples"] for r in results), refresh=False)
+                    except Exception as exc:  # keep converting the rest; rerun resumes
+                        failures.append(f"{group}: {exc}")
+                        log.error("group %s failed: %s", group, exc)
+                    bar.update(1)
+        if failures:
+            from mult.data.shards import ConversionError
+
+            raise ConversionError(f"{len(failures)} group(s) failed (rerun to resume): " + "; ".join(failures[:5]))
+        return results
+
+    return run
+
+
+def _local_map(fn: Callable[[str], dict], groups: Sequence[str]) -> list[dict]:
+    from tqdm import tqdm
+
+    return [fn(g) for g in tqdm(groups, unit="group", desc="shard", file=sys.stderr)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspect.
+# ---------------------------------------------------------------------------------------------
+def manifest_summary(url: str) -> dict[str, Any]:
+    from mult.data.loader import read_manifest
+
+    m = read_manifest(url)
+    return {"url": url, "format": m["format"], "encoding": m["encoding"], "format_version": m["format_version"],
+            "image_size": m.get("image_size"), "split": m.get("split"), "tasks": m["tasks"],
+            "task_counts": m.get("task_counts"), "domains": m.get("domains"), "num_shards": len(m["shards"]),
+            "num_samples": m["num_samples"], "bytes": m.get("bytes"), "bad_count": m.get("bad_count")}
+
+
+def sample_stats(url: str, key: str) -> dict[str, Any]:
+    """``{"key", "domains": {domain: {"min", "max", "mean", "valid_fraction"}}}`` over valid
+    pixels, in physical units, at the stored resolution."""
+    import numpy as np
+
+    from mult.data.loader import load_members, raw_decoder, read_manifest
+    from mult.tasks import INPUT_DOMAIN, MASK_DOMAIN, TASKS
+
+    manifest = read_manifest(url)
+    raw = raw_decoder(manifest)(load_members(url, key, manifest), key)
+    mask = raw.get(MASK_DOMAIN)
+    domains: dict[str, Any] = {}
+    for domain, array in raw.items():
+        if domain in TASKS:
+            spec = TASKS[domain]
+            values = spec.to_physical(array)
+            valid = spec.to_target(array)[1]
+            if mask is not None:
+                valid = valid & mask
+            per_pixel = values if values.ndim == 2 else None
+            valid = valid & (np.isfinite(per_pixel) if per_pixel is not None else np.isfinite(values).all(axis=-1))
+            selected = values[valid]
+        elif domain == INPUT_DOMAIN:
+            valid = np.ones(array.shape[:2], bool)
+            selected = array.astype(np.float64)[valid]
+        elif domain == MASK_DOMAIN:
+            valid = np.ones(array.shape[:2], bool)
+            selected = array.astype(np.float64)
+        else:
+            continue
+        if selected.size:
+            stats = {"min": float(selected.min()), "max": float(selected.max()), "mean": float(selected.mean())}
+        else:
+            stats = {"min": None, "max": None, "mean": None}
+        domains[domain] = {**stats, "valid_fraction": float(valid.mean())}
+    return {"key": key, "domains": domains}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point.
+# ---------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the command; returns the manifest (conversion) or what was printed (inspect)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "inspect":
+        args = get_inspect_parser().parse_args(argv[1:])
+        out = sample_stats(args.url, args.key) if args.key else manifest_summary(args.url)
+        print(json.dumps(out, indent=None if args.key else 1))
+        return out
+
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.getLogger("mult").setLevel(logging.DEBUG)
+    missing = [flag for flag, value in (("--format", args.format), ("--source", args.source), ("--out", args.out))
+               if value is None]
+    if missing:
+        parser.error(f"conversion needs {', '.join(missing)} (or use the 'inspect URL' subcommand)")
+    if args.samples_per_shard < 1:
+        parser.error(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
+    from mult.data.shards import ShardSettings, convert, convert_group, finalize, prepare, source_path
+
+    settings = ShardSettings(format=args.format, source=source_path(args.source), split=args.split,
+                             split_file=source_path(args.split_file) if args.split_file else None,
+                             samples_per_shard=args.samples_per_shard, resize=args.resize, check=args.check)
+    max_fraction = None if args.max_bad_fraction is not None and args.max_bad_fraction < 0 else args.max_bad_fraction
+    if args.smoke_test:
+        groups, _ = prepare(settings, args.out, overwrite=args.overwrite)
+        convert_group(settings, args.out, groups[0], tmp_dir=args.tmp_dir)
+        manifest = finalize(settings, args.out, groups[:1], max_bad=args.max_bad, max_bad_fraction=max_fraction)
+    else:
+        mapper = ray_map(args.cpus_per_task) if args.executor == "ray" else _local_map
+        manifest = convert(settings, args.out, map_groups=mapper, max_bad=args.max_bad,
+                           max_bad_fraction=max_fraction, overwrite=args.overwrite, tmp_dir=args.tmp_dir)
+    log.info("%d samples in %d shards (%.1f MB) at %s; %d bad file(s), see report.json",
+             manifest["num_samples"], manifest["num_shards"], manifest["bytes"] / 1e6, args.out,
+             manifest["bad_count"])
+    return manifest
+
+
+def _cli() -> None:
+    from mult.data.shards import ConversionError
+
+    try:
+        main()
+    except ConversionError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _cli()
