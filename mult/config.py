@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from typing import Any, Literal
 import yaml
 
 from mult.tasks import TASK_NAMES, TASKS
+
+
+_SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -36,6 +40,7 @@ class ModelConfig:
     num_heads: list[int] | None = None
     decoder_depth: int = 2  # Swin blocks per decoder stage (window, shifted window)
     decoder_heads: list[int] | None = None  # per decoder stage, deepest first
+    head_channels: int | None = None  # hidden width of the task heads (default: max(16, C0 / 4))
     mlp_ratio: float = 4.0
     drop_path: float = 0.1
     shared_attention: Literal["reference", "encoder", "none"] = "reference"
@@ -81,6 +86,7 @@ class TrainConfig:
     run_name: str = "mult"
     baselines: str | None = None  # JSON of single-task baseline metrics, for delta-m
     max_failures: int = 3
+    log_every: int = 10  # optimizer steps between metric reports (each report is a barrier)
 
 
 @dataclass
@@ -110,6 +116,10 @@ class TuneConfig:
     trial_num_workers: int | None = None  # default: scaling.num_workers
     extra_arms: list[str] = field(default_factory=list)  # "uncertainty", "dwa"
     experiment_path: str = "tune"
+    # per-task [low, high] that replace weight_range for those tasks (searched tasks only)
+    weight_ranges: dict[str, list[float]] = field(default_factory=dict)
+    # cap max_concurrent_trials at what the cluster's current CPUs/GPUs hold (off on autoscalers)
+    limit_concurrency_to_cluster: bool = True
 
 
 @dataclass
@@ -118,6 +128,10 @@ class MetricsConfig:
     prometheus_port: int | None = None  # None: no endpoint; 0: pick a free port
     pushgateway: str | None = None
     tensorboard: bool = True
+    # where rank 0 writes TensorBoard events, the loss curve and the metrics address when
+    # train.storage_path is on S3 (they are uploaded to the run's storage as well);
+    # None: ~/.cache/mult/runs. With local storage they go in the run directory itself.
+    local_dir: str | None = None
 
 
 @dataclass
@@ -259,6 +273,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    if isinstance(value, str):
+        # YAML 1.1 reads "3e-3" (no dot) as a string; on the command line it means a number.
+        try:
+            value = float(value) if _SCIENTIFIC.fullmatch(value) else value
+        except ValueError:
+            pass
     return key.strip(), value
 
 
@@ -343,6 +363,7 @@ def validate(cfg: Config) -> None:
         ("train.val_every", t.val_every),
         ("train.checkpoint_every", t.checkpoint_every),
         ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.log_every", t.log_every),
         ("scaling.num_workers", cfg.scaling.num_workers),
         ("data.image_size", cfg.data.image_size),
     ):

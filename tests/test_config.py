@@ -123,3 +123,8 @@ def test_tune_checks_apply_only_to_a_search():
     with pytest.raises(ConfigError, match="tune.fixed_task: 'normal' is not among tasks"):
         validate_tune(cfg)
     validate_tune(load_config(CONFIGS / "cpu-small.yaml"))
+
+
+def test_scientific_notation_without_a_dot_is_a_number():
+    cfg = load_config(CONFIGS / "cpu-small.yaml", ["optim.lr=3e-3"])
+    assert cfg.optim.lr == pytest.approx(0.003)

@@ -1,0 +1,53 @@
+"""A tiny generated dataset, sharded, for ``--smoke-test`` runs that name no data.
+
+The project's generator renders Taskonomy-format trees (real encodings, real layout) and the
+shard writer converts them, exactly as ``pipelines.synth`` and ``pipelines.shard`` would; no
+real dataset is involved. The result is reused when its manifests already exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SPLITS = {"train": (2, 4), "val": (1, 2)}  # split -> (scenes, views per scene)
+
+
+def make_smoke_dataset(
+    root_url: str,
+    *,
+    size: int = 64,
+    seed: int = 0,
+    samples_per_shard: int = 2,
+) -> tuple[str, str]:
+    """Generate and shard a train and a val split under ``root_url``; returns their URLs.
+
+    ``root_url`` is a local directory or ``s3://bucket/prefix``. Train holds 8 views in
+    4 shards, val 2 views in 1 shard, ``size``² pixels, all from ``seed``.
+    """
+    from mult.data.shards import MANIFEST_NAME, ShardSettings, convert
+    from mult.data.storage import open_storage
+    from mult.data.synth.taskonomy import write_taskonomy
+
+    if size < 8:
+        raise ValueError(f"smoke dataset size must be >= 8 pixels, got {size}")
+    base = f"{root_url.rstrip('/')}/taskonomy-{size}px-seed{seed}"
+    urls = {}
+    for offset, (split, (scenes, views)) in enumerate(SPLITS.items()):
+        url = f"{base}/{split}"
+        urls[split] = url
+        if open_storage(url).exists(MANIFEST_NAME):
+            log.info("smoke %s split already at %s", split, url)
+            continue
+        with tempfile.TemporaryDirectory(prefix="mult-smoke-") as tmp:
+            tree = Path(tmp) / "taskonomy"
+            write_taskonomy(tree, scenes=scenes, views=views, size=size, seed=seed * 100 + offset,
+                            layout="plain", workers=1)
+            settings = ShardSettings(format="taskonomy", source=str(tree), samples_per_shard=samples_per_shard)
+            manifest = convert(settings, url, tmp_dir=tmp)
+        log.info("smoke %s split: %d samples in %d shards at %s", split, manifest["num_samples"],
+                 len(manifest["shards"]), url)
+    return urls["train"], urls["val"]
