@@ -42,9 +42,13 @@ log = logging.getLogger("mult.train")
 FAULT_ENV = "MULT_FAULT_AT_STEP"
 FAULT_MARKER = "fault_fired"
 SMOKE_MAX_STEPS = 4
+# Non-secret S3 settings the workers need to reach the same store as the driver. Keys and
+# tokens are deliberately not forwarded: a runtime_env is visible in the dashboard and the job
+# table. Workers take credentials from their own standard chain (instance profile, IRSA, or the
+# environment the Ray node was started with).
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_RETRY_MODE",
+    "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS",
 )
 
 
