@@ -1,0 +1,361 @@
+"""MulT: shapes, gradients, the shared attention map, equivalence with a plain Swin block,
+checkpoints, autocast, activation checkpointing, torch.compile and pretrained loading.
+
+Everything runs on CPU with tiny widths and 64-px inputs; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock
+
+from mult import TASK_NAMES, TASKS, load_config
+from mult.model import (
+    SHARED_ATTENTION_MODES,
+    MulT,
+    MultiTaskDecoder,
+    PretrainedWeightsError,
+    SwinEncoder,
+    WindowAttentionMap,
+    build_model,
+)
+
+CPU_SMALL = Path(__file__).resolve().parents[1] / "configs" / "cpu-small.yaml"
+VARIANTS = [
+    "swin_tiny_patch4_window7_224",
+    "swin_small_patch4_window7_224",
+    "swin_base_patch4_window7_224",
+    "swin_large_patch4_window7_224",
+]
+
+
+def tiny_cfg(*overrides: str):
+    return load_config(CPU_SMALL, list(overrides))
+
+
+def images(batch: int = 1, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", SHARED_ATTENTION_MODES)
+def test_output_shapes_every_task(mode):
+    model = build_model(tiny_cfg(f"model.shared_attention={mode}"))
+    out = model(images(batch=2))
+    assert list(out) == list(TASK_NAMES)
+    for task, y in out.items():
+        assert y.shape == (2, TASKS[task].channels, 64, 64), task
+        assert y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_encoder_variant_publishes_feature_info(variant):
+    """The real architecture of each variant (64 px, window 4): channels and strides come from
+    timm's feature info and match the features it returns."""
+    enc = SwinEncoder(variant, img_size=64, window_size=4)
+    embed = {"tiny": 96, "small": 96, "base": 128, "large": 192}[variant.split("_")[1]]
+    assert enc.channels == [embed, 2 * embed, 4 * embed, 8 * embed]
+    assert enc.reductions == [4, 8, 16, 32]
+    assert enc.num_heads == [c // 32 for c in enc.channels]  # Swin's head width is 32
+    with torch.no_grad():
+        feats = enc(images())
+    assert [tuple(f.shape) for f in feats] == [(1, 64 // r, 64 // r, c) for r, c in zip(enc.reductions, enc.channels)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_model_variant_shapes(variant):
+    """Every variant name builds MulT end to end (widths shrunk, depths 1, so it stays fast)."""
+    cfg = tiny_cfg(f"model.encoder={variant}", "tasks=[normal,segment_semantic]")
+    out = build_model(cfg)(images())
+    assert out["normal"].shape == (1, 3, 64, 64)
+    assert out["segment_semantic"].shape == (1, TASKS["segment_semantic"].channels, 64, 64)
+
+
+@pytest.mark.parametrize(("size", "window"), [(32, 4), (64, 4), (96, 4), (128, 8), (256, 8)])
+def test_input_sizes_and_windows(size, window):
+    """224 is not special: 256 with window 8, and small test sizes; 96 needs padded windows."""
+    cfg = tiny_cfg(f"model.img_size={size}", f"model.window_size={window}", "tasks=[depth_zbuffer]",
+                   "model.shared_attention=none")
+    with torch.no_grad():
+        out = build_model(cfg)(images(size=size))
+    assert out["depth_zbuffer"].shape == (1, 1, size, size)
+
+
+def test_wrong_input_size_is_refused():
+    model = build_model(tiny_cfg())
+    with pytest.raises(ValueError, match=r"\[B, 3, 64, 64\]"):
+        model(images(size=96))
+
+
+def test_bad_decoder_arguments_are_refused():
+    kwargs = dict(tasks=["normal"], encoder_channels=[8, 16], resolutions=[(8, 8), (4, 4)], num_heads=[2, 1],
+                  window_size=4)
+    with pytest.raises(ValueError, match="choose one of"):
+        MultiTaskDecoder(**kwargs, shared_attention="sometimes")
+    with pytest.raises(ValueError, match="reference_task"):
+        MultiTaskDecoder(**kwargs, shared_attention="reference", reference_task="depth_zbuffer")
+    with pytest.raises(ValueError, match="must divide"):
+        MultiTaskDecoder(**{**kwargs, "num_heads": [3, 1]}, shared_attention="none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("mode", SHARED_ATTENTION_MODES)
+def test_every_parameter_gets_a_gradient(mode, checkpointing):
+    cfg = tiny_cfg(f"model.shared_attention={mode}", f"model.activation_checkpointing={str(checkpointing).lower()}")
+    model = build_model(cfg)
+    out = model(images())
+    sum(y.square().mean() for y in out.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    plain = build_model(tiny_cfg("model.shared_attention=encoder"))
+    ckpt = build_model(tiny_cfg("model.shared_attention=encoder", "model.activation_checkpointing=true"))
+    ckpt.load_state_dict(plain.state_dict())
+    x = images(batch=2)
+    for model in (plain, ckpt):
+        sum(y.mean() for y in model(x).values()).backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared map
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", SHARED_ATTENTION_MODES)
+def test_map_is_computed_once_per_block(mode, monkeypatch):
+    """Observed two ways: forward calls of the map modules, and calls of the attention kernel."""
+    cfg = tiny_cfg(f"model.shared_attention={mode}")
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        feats = model.encoder(images())
+    map_calls = []
+    for module in model.decoder.modules():
+        if isinstance(module, WindowAttentionMap):
+            module.register_forward_hook(lambda m, args, out: map_calls.append(m))
+    kernel_calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        kernel_calls.append(args[2].shape[-1])  # the value head width: T tasks x head_dim
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    with torch.no_grad():
+        model.decoder(feats)
+    blocks = len(model.decoder.dims) * cfg.model.decoder_depth
+    per_block = len(cfg.tasks) if mode == "none" else 1
+    assert len(map_calls) == blocks * per_block
+    assert len(kernel_calls) == blocks * per_block
+    if mode != "none":  # one kernel call per block carries every task's values
+        assert len(set(map_calls)) == blocks
+        assert kernel_calls == [len(cfg.tasks) * m.head_dim for m in map_calls]
+
+
+def _decoder_and_input(mode: str, tasks: list[str]):
+    """A one-stage decoder (two blocks: window, shifted window) on an 8x8 map, 16 wide, 2 heads."""
+    decoder = MultiTaskDecoder(tasks=tasks, encoder_channels=[16], resolutions=[(8, 8)], num_heads=[2],
+                               window_size=4, depth=2, shared_attention=mode, reference_task=tasks[0])
+    x = torch.randn(2, 8, 8, 16)
+    return decoder.eval(), x
+
+
+def _plain_swin_blocks(dim: int = 16, heads: int = 2) -> list[SwinTransformerBlock]:
+    blocks = [SwinTransformerBlock(dim=dim, input_resolution=(8, 8), num_heads=heads, window_size=4, shift_size=s)
+              for s in (0, 2)]
+    for blk in blocks:  # make every parameter non-trivial, so a mix-up cannot cancel out
+        for p in blk.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+            if p.ndim == 1 and p.shape[0] == dim:
+                p.data += 1.0
+    return [b.eval() for b in blocks]
+
+
+def _copy_swin_block(src: SwinTransformerBlock, dst, map_module: WindowAttentionMap, map_has_norm: bool) -> None:
+    dim = dst.dim
+    qkv_w, qkv_b = src.attn.qkv.weight, src.attn.qkv.bias
+    with torch.no_grad():
+        map_module.qk.weight.copy_(qkv_w[: 2 * dim])
+        map_module.qk.bias.copy_(qkv_b[: 2 * dim])
+        map_module.relative_position_bias_table.copy_(src.attn.relative_position_bias_table)
+        dst.v.weight.copy_(qkv_w[2 * dim:])
+        dst.v.bias.copy_(qkv_b[2 * dim:])
+        dst.norm1.load_state_dict(src.norm1.state_dict())
+        if map_has_norm:
+            map_module.norm.load_state_dict(src.norm1.state_dict())
+        dst.proj.load_state_dict(src.attn.proj.state_dict())
+        dst.norm2.load_state_dict(src.norm2.state_dict())
+        dst.mlp.load_state_dict(src.mlp.state_dict())
+
+
+@pytest.mark.parametrize("mode", SHARED_ATTENTION_MODES)
+def test_single_task_matches_a_plain_swin_block(mode):
+    """With one task, each block of every mode computes timm's Swin block (W-MSA, then SW-MSA
+    with its shift mask). In ``encoder`` mode the map's source is the skip, so the plain block is
+    what it computes when the skip is the block's input."""
+    decoder, x = _decoder_and_input(mode, ["normal"])
+    plain = _plain_swin_blocks()
+    ours = decoder.decoders["normal"]
+    for j, src in enumerate(plain):
+        blk = ours.stages[0][j]
+        map_module = decoder.encoder_maps[0][j] if mode == "encoder" else blk.map
+        _copy_swin_block(src, blk, map_module, map_has_norm=mode == "encoder")
+    inp = x
+    with torch.no_grad():
+        for j, src in enumerate(plain):
+            expected = src(inp)
+            (got,) = decoder.block(0, j, inp, inp)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            inp = expected
+        if mode != "encoder":  # the whole (one-stage) decoder is the two blocks and a norm
+            expected = ours.norm(plain[1](plain[0](x)))
+            torch.testing.assert_close(decoder([x])["normal"], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["reference", "encoder"])
+def test_shared_map_is_applied_to_every_task(mode):
+    """The second task's output follows the shared map's q/k and the tasks stay separable: with
+    identical per-task weights both tasks agree, and changing q/k changes both."""
+    decoder, x = _decoder_and_input(mode, ["normal", "depth_zbuffer"])
+    a, b = decoder.decoders["normal"], decoder.decoders["depth_zbuffer"]
+    with torch.no_grad():
+        b_state = {k: v for k, v in a.state_dict().items() if ".map." not in k}
+        b.load_state_dict(b_state)
+        out = decoder([x])
+        torch.testing.assert_close(out["depth_zbuffer"], out["normal"])
+        maps = [m for m in decoder.modules() if isinstance(m, WindowAttentionMap)]
+        assert len(maps) == 2  # one per block, however many tasks
+        maps[0].qk.weight.mul_(3.0)
+        changed = decoder([x])
+    for task in ("normal", "depth_zbuffer"):
+        assert not torch.allclose(changed[task], out[task])
+
+
+def test_reference_task_is_independent_of_the_others():
+    """In ``reference`` mode the reference stream is a plain single-task decoder."""
+    multi, x = _decoder_and_input("reference", ["normal", "depth_zbuffer", "reshading"])
+    single, _ = _decoder_and_input("reference", ["normal"])
+    single.decoders["normal"].load_state_dict(multi.decoders["normal"].state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(multi([x])["normal"], single([x])["normal"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, precision, compile
+# ---------------------------------------------------------------------------------------------
+def test_checkpoint_round_trip(tmp_path):
+    model = build_model(tiny_cfg("tasks=[normal,depth_zbuffer]")).eval()
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    restored = build_model(tiny_cfg("tasks=[normal,depth_zbuffer]")).eval()
+    restored.load_state_dict(state, strict=True)
+    x = images()
+    with torch.no_grad():
+        a, b = model(x), restored(x)
+    for task in a:
+        torch.testing.assert_close(a[task], b[task], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", SHARED_ATTENTION_MODES)
+def test_runs_under_bf16_autocast(mode):
+    """The training loop wraps the model in autocast; CPU autocast stands in for CUDA here."""
+    model = build_model(tiny_cfg(f"model.shared_attention={mode}", "tasks=[normal,segment_semantic]"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images())
+    assert all(y.dtype == torch.float32 and torch.isfinite(y).all() for y in out.values())
+    sum(y.mean() for y in out.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_bf16_precision_switch():
+    cfg = tiny_cfg("tasks=[normal]", "train.precision=bf16", "scaling.use_gpu=true")
+    model = build_model(cfg)
+    assert model.precision == "bf16"
+    fp32 = build_model(tiny_cfg("tasks=[normal]"))
+    fp32.load_state_dict(model.state_dict())
+    x = images()
+    with torch.no_grad():
+        low, high = model(x)["normal"], fp32(x)["normal"]
+    assert low.dtype == torch.float32
+    assert not torch.equal(low, high)  # autocast really ran
+    torch.testing.assert_close(low, high, rtol=0.1, atol=0.1)
+
+
+def test_runs_under_torch_compile():
+    """``torch.compile`` with the ``aot_eager`` backend: it traces through dynamo and AOT autograd
+    like the default backend but skips Inductor's C++ code generation, which takes minutes on
+    this 2-core machine (measured: about 250 s for the tiny model). ``model.compile=true`` uses
+    the default backend; that it switches compilation on is checked separately."""
+    model = build_model(tiny_cfg("tasks=[normal,depth_zbuffer]"))
+    x = images()
+    expected = model(x)
+    torch._dynamo.reset()
+    model.compile(backend="aot_eager", fullgraph=True)
+    out = model(x)
+    for task in expected:
+        torch.testing.assert_close(out[task], expected[task], rtol=1e-5, atol=1e-5)
+    sum(y.mean() for y in out.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    torch._dynamo.reset()
+
+
+def test_compile_switch_keeps_state_dict_keys():
+    plain = build_model(tiny_cfg("tasks=[normal]"))
+    compiled = build_model(tiny_cfg("tasks=[normal]", "model.compile=true"))
+    assert compiled._compiled_call_impl is not None and plain._compiled_call_impl is None
+    assert isinstance(compiled, MulT)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained weights
+# ---------------------------------------------------------------------------------------------
+TINY_ARCH = dict(img_size=64, window_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+
+
+def test_pretrained_weights_from_a_local_file(tmp_path):
+    reference = timm.create_model("swin_tiny_patch4_window7_224", **TINY_ARCH)
+    path = tmp_path / "swin.pth"
+    torch.save(reference.state_dict(), path)
+    cfg = tiny_cfg("tasks=[normal]", "model.pretrained=true", f"model.pretrained_path={path}", "model.mlp_ratio=4.0")
+    model = build_model(cfg)
+    got = model.encoder.model.layers_2.blocks[0].attn.qkv.weight
+    torch.testing.assert_close(got, reference.layers[2].blocks[0].attn.qkv.weight, rtol=0, atol=0)
+
+
+def test_missing_local_weights_file_is_named(tmp_path):
+    cfg = tiny_cfg("model.pretrained=true", f"model.pretrained_path={tmp_path / 'nope.pth'}")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        build_model(cfg)
+
+
+def test_unreachable_hub_says_how_to_give_a_local_file(monkeypatch):
+    """Hugging Face's own offline switch makes the download fail at once, as it does without
+    network (where it would first retry for about a minute)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PretrainedWeightsError, match="model.pretrained_path"):
+        SwinEncoder("swin_tiny_patch4_window7_224", img_size=64, window_size=4, pretrained=True)
+
+
+def test_unknown_encoder_is_refused():
+    with pytest.raises(ValueError, match="swin_tiny_patch4_window7_224"):
+        SwinEncoder("resnet50", img_size=64, window_size=4)
