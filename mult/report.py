@@ -1,0 +1,232 @@
+"""Evaluation outputs: ``results.json`` and a Markdown report with baselines.
+
+The results are plain data (what :func:`mult.evaluation` callers assemble)::
+
+    {
+      "checkpoint": str, "model_tasks": [task, ...],
+      "sets": [                      # one entry per evaluated row of the report
+        {"label": "nyu+ft", "name": "nyu", "url": str, "num_samples": int, "bad_samples": int,
+         "tasks": [task, ...], "skipped": {task: reason},
+         "metrics": {task: {metric: float}}, "alignment": str,
+         "finetune": null | {...}, "corruption": null | {...}}
+      ],
+      "label_map": str | null,       # Markdown of the NYU40 -> Taskonomy table, when used
+    }
+
+Baselines are single-task results in the same ``{task: {metric: value}}`` layout, given per
+set name. The relative change is ``(value - baseline) / |baseline|`` in percent, with the sign
+flipped for lower-is-better metrics, so a positive change is always an improvement (the
+convention of MulT's tables).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from mult.metrics import delta_m
+from mult.tasks import TASKS
+
+Baselines = dict[str, dict[str, float]]  # task -> metric -> value
+
+
+class ReportError(ValueError):
+    """Results or baselines are malformed; the message says which entry."""
+
+
+def higher_is_better(task: str, metric: str) -> bool:
+    """The direction of ``metric`` for ``task`` from the task table (``loss``-like if unknown)."""
+    for m in TASKS[task].metrics:
+        if m.name == metric:
+            return m.higher_is_better
+    return False
+
+
+def relative_change(value: float, baseline: float, higher_better: bool) -> float:
+    """Percent change vs ``baseline``, positive = better. NaN when the baseline is 0."""
+    if baseline == 0 or not math.isfinite(baseline) or not math.isfinite(value):
+        return math.nan
+    change = (value - baseline) / abs(baseline) * 100.0
+    return change if higher_better else -change
+
+
+def load_baselines(path_or_url: str | Path) -> Baselines:
+    """Read a single-task baseline JSON ``{task: {metric: value}}`` (local path or s3:// URL)
+    and check its task and metric names."""
+    from mult.metrics import load_baselines as read_json
+
+    try:
+        data = read_json(str(path_or_url))
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"cannot read baselines {str(path_or_url)!r}: {exc}") from exc
+    return check_baselines(data, str(path_or_url))
+
+
+def check_baselines(data: Any, where: str = "baselines") -> Baselines:
+    if not isinstance(data, dict):
+        raise ReportError(f"{where}: expected {{task: {{metric: value}}}}, got {type(data).__name__}")
+    out: Baselines = {}
+    for task, metrics in data.items():
+        if task not in TASKS:
+            raise ReportError(f"{where}: unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+        if not isinstance(metrics, dict):
+            raise ReportError(f"{where}.{task}: expected {{metric: value}}, got {metrics!r}")
+        valid = {m.name for m in TASKS[task].metrics}
+        for metric, value in metrics.items():
+            if metric not in valid:
+                raise ReportError(
+                    f"{where}.{task}: unknown metric {metric!r}; valid: {', '.join(sorted(valid))}"
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ReportError(f"{where}.{task}.{metric}: expected a number, got {value!r}")
+        out[task] = {k: float(v) for k, v in metrics.items()}
+    return out
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def attach_baselines(results: dict[str, Any], baselines: Mapping[str, Baselines]) -> None:
+    """Add ``baselines`` and ``relative_change`` (``{task: {metric: %}}``) to each set entry
+    whose ``name`` has baselines; metrics without a baseline are left out."""
+    for entry in results["sets"]:
+        base = baselines.get(entry["name"])
+        if not base:
+            continue
+        entry["baselines"] = {t: dict(m) for t, m in base.items() if t in entry["metrics"]}
+        try:
+            entry["delta_m"] = delta_m(entry["metrics"], base, list(entry["metrics"]))
+        except ValueError as exc:  # a baseline or metric is missing: no Delta-m for this set
+            entry["delta_m"] = None
+            entry["delta_m_note"] = str(exc)
+        entry["relative_change"] = {
+            task: {
+                metric: relative_change(value, base[task][metric], higher_is_better(task, metric))
+                for metric, value in metrics.items()
+                if metric in base.get(task, {})
+            }
+            for task, metrics in entry["metrics"].items()
+        }
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(results), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.4g}"
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+    """Sets x tasks x metrics, one row per metric; baseline and change columns when present."""
+    with_base = any("baselines" in e for e in results["sets"])
+    head = "| set | task | metric | value |"
+    head += " single-task baseline | change vs baseline |" if with_base else ""
+    rule = "|---|---|---|---:|" + ("---:|---:|" if with_base else "")
+    lines = [head, rule]
+    for entry in results["sets"]:
+        base = entry.get("baselines", {})
+        change = entry.get("relative_change", {})
+        for task, metrics in entry["metrics"].items():
+            for metric, value in metrics.items():
+                arrow = "↑" if higher_is_better(task, metric) else "↓"
+                row = f"| {entry['label']} | {task} | {metric} {arrow} | {_fmt(value)} |"
+                if with_base:
+                    b = base.get(task, {}).get(metric)
+                    c = change.get(task, {}).get(metric)
+                    row += f" {_fmt(b)} | {'–' if c is None or not math.isfinite(c) else f'{c:+.2f}%'} |"
+                lines.append(row)
+    return "\n".join(lines)
+
+
+def summary_table(results: Mapping[str, Any]) -> str:
+    """Sets x tasks, one cell per task: its primary metric (the first one the set reports,
+    e.g. ``si_abs_rel`` where metric depth is not reported); ``–`` where not evaluated."""
+    tasks = [t for t in TASKS if any(t in e["metrics"] for e in results["sets"])]
+    cells = {t: [m.name for m in TASKS[t].metrics] for t in tasks}
+    lines = ["| set | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for entry in results["sets"]:
+        row = []
+        for t in tasks:
+            metrics = entry["metrics"].get(t, {})
+            name = next((m for m in cells[t] if m in metrics), None)
+            arrow = "" if name is None else ("↑" if higher_is_better(t, name) else "↓")
+            row.append("–" if name is None else f"{_fmt(metrics[name])} ({name} {arrow})")
+        lines.append(f"| {entry['label']} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(results: Mapping[str, Any]) -> str:
+    """The whole report: metrics table, per-set notes (tasks skipped, unit alignment), and the
+    NYU label mapping when it was used."""
+    parts = [
+        "# MulT evaluation",
+        "",
+        f"Checkpoint: `{results.get('checkpoint', '?')}`; tasks it predicts: "
+        f"{', '.join(results.get('model_tasks', []))}.",
+        "",
+        *(["**Partial run** (--max-batches / --smoke-test): not the full test splits.", ""]
+          if results.get("partial") else []),
+        "↑ higher is better, ↓ lower is better. The change vs baseline is in percent, "
+        "positive = better than the single-task baseline.",
+        "",
+        "## Summary (each task's primary metric)",
+        "",
+        summary_table(results),
+        "",
+        "## All metrics",
+        "",
+        markdown_table(results),
+        "",
+        "## Sets",
+        "",
+    ]
+    for entry in results["sets"]:
+        parts.append(f"### {entry['label']}")
+        parts.append("")
+        parts.append(f"- data: `{entry['url']}` ({entry.get('num_samples', '?')} test samples)")
+        if entry.get("bad_samples"):
+            parts.append(f"- {entry['bad_samples']} sample(s) skipped as undecodable (see the loader log)")
+        parts.append(f"- tasks evaluated: {', '.join(entry['tasks']) or 'none'}")
+        for task, reason in entry.get("skipped", {}).items():
+            parts.append(f"- skipped {task}: {reason}")
+        if entry.get("delta_m") is not None:
+            parts.append(f"- Delta-m vs single-task baselines (primary metrics): {entry['delta_m']:+.2f}%")
+        elif entry.get("delta_m_note"):
+            parts.append(f"- no Delta-m: {entry['delta_m_note']}")
+        if entry.get("alignment"):
+            parts.append(f"- unit alignment: {entry['alignment']}")
+        if entry.get("finetune"):
+            ft = entry["finetune"]
+            parts.append(f"- fine-tuned first on `{ft['url']}` for {ft['steps']} steps (lr {ft['lr']})")
+        if entry.get("corruption"):
+            c = entry["corruption"]
+            parts.append(f"- corruption: {c['type']} (sigma {c['sigma']} px at the model's resolution)")
+        parts.append("")
+    if results.get("label_map"):
+        parts += ["## NYU40 -> Taskonomy classes", "", results["label_map"], ""]
+    return "\n".join(parts)
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``report.md`` under ``out_dir``; return both paths."""
+    out_dir = Path(out_dir)
+    json_path = write_results(results, out_dir / "results.json")
+    md_path = out_dir / "report.md"
+    md_path.write_text(markdown_report(results))
+    return json_path, md_path
