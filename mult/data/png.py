@@ -31,8 +31,12 @@ def decode_png(data: bytes, name: str = "<bytes>", *, palette: bool = False) -> 
     """
     if not data.startswith(_PNG_SIGNATURE):
         raise CorruptFileError(f"{name}: not a PNG file (bad signature)")
-    if len(data) >= 26 and data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6):
-        return _decode_wide_colour(data, name, data[25])
+    if len(data) >= 26 and data[12:16] == b"IHDR":
+        bit_depth, colour_type = data[24], data[25]
+        if bit_depth == 16 and colour_type in (2, 4, 6):
+            return _decode_wide_colour(data, name, colour_type)
+        if bit_depth in (8, 16) and colour_type in (0, 2, 6) and not palette:
+            return _decode_fast(data, name, colour_type)
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -41,14 +45,43 @@ def decode_png(data: bytes, name: str = "<bytes>", *, palette: bool = False) -> 
         raise CorruptFileError(f"{name}: corrupt PNG ({exc})") from exc
 
 
+def _decode_fast(data: bytes, name: str, colour_type: int) -> np.ndarray:
+    """8/16-bit gray, RGB and RGBA files through OpenCV's libpng, which decodes the exact values
+    and is about 1.3x faster than Pillow on the shard loader's hot path (see BENCHMARKS.md)."""
+    cv2 = _cv2()
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise CorruptFileError(f"{name}: corrupt PNG (libpng could not decode it)")
+    if colour_type == 0:
+        if arr.ndim != 2:
+            raise CorruptFileError(f"{name}: gray PNG decoded to shape {arr.shape}")
+        return arr
+    if arr.ndim != 3:
+        raise CorruptFileError(f"{name}: colour PNG decoded to shape {arr.shape}")
+    code = cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
+    return cv2.cvtColor(arr, code)
+
+
+_CV2 = None
+
+
+def _cv2():
+    global _CV2
+    if _CV2 is None:
+        import cv2
+
+        cv2.setNumThreads(1)  # loader workers are the parallelism; no nested thread pools
+        _CV2 = cv2
+    return _CV2
+
+
 def _decode_wide_colour(data: bytes, name: str, colour_type: int) -> np.ndarray:
     """16-bit RGB(A) / gray+alpha PNGs: Pillow squashes these to 8 bits, so OpenCV decodes them.
 
     Returns ``uint16`` ``[H, W, 3]`` (RGB), ``[H, W, 4]`` (RGBA) or ``[H, W]`` (gray+alpha: the
     gray channel, as for 8-bit ``LA`` files).
     """
-    import cv2
-
+    cv2 = _cv2()
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.dtype != np.uint16:
         raise CorruptFileError(f"{name}: corrupt 16-bit colour PNG")
