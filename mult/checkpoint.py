@@ -20,6 +20,7 @@ strings, lists, tuples and dicts are stored (RNG states are converted to tensors
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -251,7 +252,10 @@ def load_model(
         directory = resolve_local(url_or_path, Path(tmp), prefer)
         payload = _torch_load(directory / MODEL_FILE, map_location)
     cfg = from_dict(payload["config"])
-    model = build_model(cfg)
+    # The checkpoint holds every weight: rebuilding must not fetch ImageNet weights again
+    # (and could not, on a machine without the hub).
+    build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, compile=False))
+    model = build_model(build_cfg)
     missing, unexpected = model.load_state_dict(payload["model"], strict=False)
     if missing or unexpected:
         raise CheckpointError(

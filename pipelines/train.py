@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -327,6 +328,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"at most {SMOKE_MAX_STEPS} steps; generates and shards tiny data if none is configured")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_NAME",
                         help="continue the latest run of train.run_name (or RUN_NAME) from its last checkpoint")
+    parser.add_argument("--summary", default=None, metavar="PATH",
+                        help="write a JSON summary (run name, run URL, final metrics, checkpoint) here")
     return parser
 
 
@@ -348,9 +351,20 @@ def main(argv: list[str] | None = None) -> int:
         log.error("run %s failed: %s", plan.run_name, result.error)
         return 1
     metrics = result.metrics or {}
+    checkpoint = result.checkpoint.path if result.checkpoint else None
     log.info("run %s finished at step %s: loss %.4g, val_objective %.4g; checkpoint %s",
              plan.run_name, metrics.get("step"), metrics.get("loss/total", math.nan),
-             metrics.get("val_objective", math.nan), result.checkpoint.path if result.checkpoint else None)
+             metrics.get("val_objective", math.nan), checkpoint)
+    if args.summary:
+        summary = {
+            "run_name": plan.run_name,
+            "run_url": plan.run_url,
+            "local_dir": str(plan.local_dir),
+            "checkpoint": checkpoint,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+        }
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str))
     return 0
 
 
