@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from mult.losses import task_losses
-from mult.tasks import NUM_SEMANTIC_CLASSES, TASKS, TaskSpec, depth_from_target, get_task
+from mult.tasks import NUM_SEMANTIC_CLASSES, TaskSpec, depth_from_target, get_task
 
 # Depth: predictions are clamped into this range (metres) before any ratio; targets below
 # MIN_DEPTH_M are not scored (a zero z-buffer value is "no measurement", not 0 m).

@@ -49,7 +49,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -64,7 +63,6 @@ log = logging.getLogger("mult.ablate")
 
 LAUNCHERS = ("task", "trainer", "local")
 SMOKE_SEEDS = 2
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_RETRY_MODE", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 # =============================================================================================
@@ -205,16 +203,9 @@ def _result(spec: st.RunSpec, cfg: Config, outcome: dict[str, Any]) -> st.RunRes
 
 
 def _init_ray() -> None:
-    import ray
+    from pipelines.raysetup import init_ray
 
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **kwargs)
-    else:
-        ray.init(log_to_driver=True, include_dashboard=False, **kwargs)
+    init_ray()
 
 
 def _submitter(abl: Ablation, args: argparse.Namespace) -> Callable[[st.RunSpec], Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,8 +220,9 @@ class Runner:
             return
         import ray
 
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+        from pipelines.raysetup import init_ray
+
+        init_ray()
         gpus = ray.cluster_resources().get("GPU", 0)
         self.options = {"num_cpus": cpus_per_worker, "num_gpus": 1 if gpus >= 1 else 0}
         log.info("Ray: %s; each part gets %s", ray.cluster_resources(), self.options)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
@@ -76,16 +75,9 @@ def ray_map(num_cpus: float = 1.0) -> Callable[[Callable[[str], dict], Sequence[
         import ray
         from tqdm import tqdm
 
-        if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS")
-            # Endpoints are not secrets; credentials stay with each node's own chain.
-            env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_RETRY_MODE")
-                   if k in os.environ}
-            kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
-            if address:
-                ray.init(address=address, log_to_driver=True, **kwargs)
-            else:
-                ray.init(num_cpus=2, include_dashboard=False, **kwargs)
+        from pipelines.raysetup import init_ray
+
+        init_ray(local_cpus=2)
         task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
         pending = {task.remote(g): g for g in groups}
         results, failures = [], []

@@ -37,20 +37,13 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from mult.config import Config, ConfigError, from_dict, load_config, to_dict
+from pipelines.raysetup import forwarded_env
 
 log = logging.getLogger("mult.train")
 
 FAULT_ENV = "MULT_FAULT_AT_STEP"
 FAULT_MARKER = "fault_fired"
 SMOKE_MAX_STEPS = 4
-# Non-secret S3 settings the workers need to reach the same store as the driver. Keys and
-# tokens are deliberately not forwarded: a runtime_env is visible in the dashboard and the job
-# table. Workers take credentials from their own standard chain (instance profile, IRSA, or the
-# environment the Ray node was started with).
-FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-    "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS",
-)
 
 
 class PreflightError(ValueError):
@@ -255,7 +248,7 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, controller_failu
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = forwarded_env()
     loop_config = {
         "config": to_dict(cfg),
         "run_name": plan.run_name,

@@ -40,7 +40,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import secrets
 import signal
 import sys
@@ -69,7 +68,6 @@ from mult.search import (
     write_outputs,
 )
 from pipelines.train import (
-    FORWARDED_ENV,
     PreflightError,
     RunPlan,
     _run_names,
@@ -600,25 +598,15 @@ def setup(cfg: Config, *, resume: str | bool, smoke_test: bool) -> Experiment:
 
 
 def init_ray() -> None:
-    """Connect to (or start) Ray; every process of this job gets the S3 settings and the address.
+    """Connect to (or start) Ray with the job-wide settings of :mod:`pipelines.raysetup`.
 
     Trial drivers build their trainer's S3 filesystem from ``AWS_ENDPOINT_URL`` and friends, so
-    they need the driver's values. Ray Train's placement-group cleaner looks its cluster up through the state API; without
-    ``RAY_ADDRESS`` it auto-detects, which fails on a host that runs several Ray instances
-    ("Found multiple active Ray instances"), and a stopped trial's workers then keep their CPUs.
+    they need the driver's values; a new local instance gets the dashboard, without which a
+    stopped trial's workers keep their CPUs (STACK.md).
     """
-    import ray
+    from pipelines.raysetup import init_ray as _init
 
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}  # S3 endpoint, credentials
-    address = os.environ.get("RAY_ADDRESS")
-    if address and address != "auto" and "://" not in address:
-        env["RAY_ADDRESS"] = address
-    # Under `ray job submit` the job's runtime_env already reaches every process; Ray refuses to
-    # merge an env var that both set, so leave those to the job.
-    injected = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    job_env = (injected.get("runtime_env") or {}).get("env_vars") or {}
-    env = {k: v for k, v in env.items() if k not in job_env}
-    ray.init(log_to_driver=True, runtime_env={"env_vars": env} if env else None)
+    _init(local_dashboard=True)
 
 
 def run(exp: Experiment, *, retry_errored: bool = False) -> tuple[list[TrialRecord], bool]:
