@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from mult.config import Config, ConfigError, from_dict, load_config, to_dict
-from pipelines.raysetup import forwarded_env
+from pipelines.raysetup import forwarded_env, init_ray
 
 log = logging.getLogger("mult.train")
 
@@ -303,10 +303,9 @@ def apply_smoke_test(cfg: Config) -> Config:
 
 def fit(plan: RunPlan, callbacks: list | None = None):
     """Start Ray if needed and run the trainer; returns Ray's ``Result``."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    # The job-wide runtime env (S3 endpoint, RAY_ADDRESS) reaches the Train controller and its
+    # placement-group cleaner too, not only the workers; a new local instance gets the dashboard.
+    init_ray(local_dashboard=True)
     log.info("%s run %s -> %s (local files in %s)",
              "resuming" if plan.resume else "starting", plan.run_name, plan.run_url, plan.local_dir)
     return build_trainer(plan, callbacks).fit()
