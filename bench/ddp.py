@@ -139,7 +139,9 @@ def run_ray(cfg: dict, workdir: Path, nproc: int) -> list:
         if "RAY_ADDRESS" in os.environ:
             ray.init()
         else:  # a private instance, never another user's head on this host
-            ray.init(address="local", num_cpus=nproc, include_dashboard=False)
+            # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
+            # without it the cleaner retries in a loop and takes CPU from the workers.
+            ray.init(address="local", num_cpus=nproc, include_dashboard=True)
     out = workdir / f"ray-{time.monotonic_ns()}.json"
     use_gpu = cfg["scaling"]["use_gpu"]
     trainer = TorchTrainer(
