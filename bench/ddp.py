@@ -135,6 +135,10 @@ def run_ray(cfg: dict, workdir: Path, nproc: int) -> list:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines.raysetup import DEFAULT_HEALTH_CHECK_S, HEALTH_CHECK_ENV
+
+    # As the training stage does (pipelines.raysetup): the report latency follows this interval.
+    os.environ.setdefault(HEALTH_CHECK_ENV, DEFAULT_HEALTH_CHECK_S)
     if not ray.is_initialized():
         if "RAY_ADDRESS" in os.environ:
             ray.init()
