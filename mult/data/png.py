@@ -33,10 +33,10 @@ def decode_png(data: bytes, name: str = "<bytes>", *, palette: bool = False) -> 
         raise CorruptFileError(f"{name}: not a PNG file (bad signature)")
     if len(data) >= 26 and data[12:16] == b"IHDR":
         bit_depth, colour_type = data[24], data[25]
-        if bit_depth == 16 and colour_type in (2, 4, 6):
-            return _decode_wide_colour(data, name, colour_type)
-        if bit_depth in (8, 16) and colour_type in (0, 2, 6) and not palette:
-            return _decode_fast(data, name, colour_type)
+        # Palette files and sub-byte depths go to Pillow; 16-bit RGB(A) must not (Pillow squashes
+        # them to 8 bits) and 16-bit gray+alpha neither; 8-bit gray+alpha is Pillow's "LA".
+        if (bit_depth == 16 and colour_type in (0, 2, 4, 6)) or (bit_depth == 8 and colour_type in (0, 2, 6)):
+            return _decode_cv2(data, name, bit_depth, colour_type)
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -45,13 +45,20 @@ def decode_png(data: bytes, name: str = "<bytes>", *, palette: bool = False) -> 
         raise CorruptFileError(f"{name}: corrupt PNG ({exc})") from exc
 
 
-def _decode_fast(data: bytes, name: str, colour_type: int) -> np.ndarray:
-    """8/16-bit gray, RGB and RGBA files through OpenCV's libpng, which decodes the exact values
-    and is about 1.3x faster than Pillow on the shard loader's hot path (see BENCHMARKS.md)."""
+def _decode_cv2(data: bytes, name: str, bit_depth: int, colour_type: int) -> np.ndarray:
+    """8/16-bit gray, gray+alpha, RGB and RGBA files through OpenCV's libpng: exact values, and
+    about 1.3x faster than Pillow on the shard loader's hot path (see BENCHMARKS.md).
+
+    Returns ``[H, W]`` for gray and gray+alpha (the gray channel, as Pillow's ``LA`` path does),
+    ``[H, W, 3]`` RGB or ``[H, W, 4]`` RGBA, in the file's bit depth.
+    """
     cv2 = _cv2()
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise CorruptFileError(f"{name}: corrupt PNG (libpng could not decode it)")
+    expected = np.uint16 if bit_depth == 16 else np.uint8
+    if arr is None or arr.dtype != expected:
+        raise CorruptFileError(f"{name}: corrupt {bit_depth}-bit PNG (libpng could not decode it)")
+    if colour_type == 4:
+        return np.ascontiguousarray(arr[..., 0] if arr.ndim == 3 else arr)
     if colour_type == 0:
         if arr.ndim != 2:
             raise CorruptFileError(f"{name}: gray PNG decoded to shape {arr.shape}")
@@ -73,24 +80,6 @@ def _cv2():
         cv2.setNumThreads(1)  # loader workers are the parallelism; no nested thread pools
         _CV2 = cv2
     return _CV2
-
-
-def _decode_wide_colour(data: bytes, name: str, colour_type: int) -> np.ndarray:
-    """16-bit RGB(A) / gray+alpha PNGs: Pillow squashes these to 8 bits, so OpenCV decodes them.
-
-    Returns ``uint16`` ``[H, W, 3]`` (RGB), ``[H, W, 4]`` (RGBA) or ``[H, W]`` (gray+alpha: the
-    gray channel, as for 8-bit ``LA`` files).
-    """
-    cv2 = _cv2()
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.dtype != np.uint16:
-        raise CorruptFileError(f"{name}: corrupt 16-bit colour PNG")
-    if colour_type == 4:
-        return np.ascontiguousarray(arr[..., 0] if arr.ndim == 3 else arr)
-    if arr.ndim != 3:
-        raise CorruptFileError(f"{name}: 16-bit colour PNG decoded to shape {arr.shape}")
-    code = cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
-    return cv2.cvtColor(arr, code)
 
 
 def _to_array(img: Image.Image, palette: bool) -> np.ndarray:
