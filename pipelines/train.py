@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from mult.config import Config, ConfigError, from_dict, load_config, to_dict
-from pipelines.raysetup import forwarded_env, init_ray
+from pipelines.raysetup import init_ray
 
 log = logging.getLogger("mult.train")
 
@@ -248,7 +248,6 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, controller_failu
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    env = forwarded_env()
     loop_config = {
         "config": to_dict(cfg),
         "run_name": plan.run_name,
@@ -274,7 +273,6 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, controller_failu
                 checkpoint_score_attribute="val_objective",
                 checkpoint_score_order="min",
             ),
-            worker_runtime_env={"env_vars": env} if env else None,
             callbacks=callbacks,
             **_storage_args(plan.storage_url),
         ),
