@@ -67,7 +67,8 @@ def depth_from_target(target: np.ndarray) -> np.ndarray:
 
 # normal ---------------------------------------------------------------------------------------
 def normal_valid(raw: np.ndarray) -> np.ndarray:
-    return ~np.all(raw == NORMAL_HOLE, axis=-1)
+    # Per-channel compares: ~10x faster than np.all(..., axis=-1) over a length-3 axis.
+    return ~((raw[..., 0] == NORMAL_HOLE) & (raw[..., 1] == NORMAL_HOLE) & (raw[..., 2] == NORMAL_HOLE))
 
 
 def normal_physical(raw: np.ndarray) -> np.ndarray:
@@ -79,8 +80,19 @@ def normal_physical(raw: np.ndarray) -> np.ndarray:
     return vec
 
 
+def _channels_first(raw: np.ndarray) -> np.ndarray:
+    """``[H, W, C]`` -> a new contiguous ``float32 [C, H, W]`` (one strided copy; arithmetic on
+    the transposed view instead would run ~6x slower)."""
+    out = np.empty((raw.shape[2], *raw.shape[:2]), dtype=np.float32)
+    out[...] = raw.transpose(2, 0, 1)
+    return out
+
+
 def normal_target(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    target = raw.astype(np.float32).transpose(2, 0, 1) / 255.0 * 2.0 - 1.0
+    target = _channels_first(raw)
+    target /= np.float32(255.0)
+    target *= np.float32(2.0)
+    target -= np.float32(1.0)
     return target, normal_valid(raw)
 
 
@@ -105,14 +117,26 @@ def segment_target(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # affine 16-bit / 8-bit regression targets ----------------------------------------------------
 def _affine(offset: float, scale: float, mean_rgb: bool = False):
     def target(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        values = raw.astype(np.float32)
         if mean_rgb:
-            values = (values.mean(axis=-1) if values.ndim == 3 else values) / 255.0
+            values = _channel_mean(raw) if raw.ndim == 3 else raw.astype(np.float32)
+            values /= np.float32(255.0)
         else:
-            values = _gray(values)
-        return ((values - offset) / scale)[None], np.ones(values.shape, dtype=bool)
+            values = _gray(raw).astype(np.float32)
+        values -= np.float32(offset)
+        values /= np.float32(scale)
+        return values[None], np.ones(values.shape, dtype=bool)
 
     return target
+
+
+def _channel_mean(raw: np.ndarray) -> np.ndarray:
+    """Mean over the last axis of ``[H, W, C]`` integers as float32, summing channel by channel
+    (exact for 8/16-bit values; ~8x faster than ``mean(axis=-1)`` over a short axis)."""
+    total = raw[..., 0].astype(np.float32)
+    for c in range(1, raw.shape[-1]):
+        total += raw[..., c]
+    total /= np.float32(raw.shape[-1])
+    return total
 
 
 def _all_valid(raw: np.ndarray) -> np.ndarray:
@@ -124,8 +148,9 @@ def keypoints_physical(raw: np.ndarray) -> np.ndarray:
 
 
 def reshading_physical(raw: np.ndarray) -> np.ndarray:
-    values = raw.astype(np.float32)
-    return (values.mean(axis=-1) if values.ndim == 3 else values) / 255.0
+    values = _channel_mean(raw) if raw.ndim == 3 else raw.astype(np.float32)
+    values /= np.float32(255.0)
+    return values
 
 
 # --------------------------------------------------------------------------------------------

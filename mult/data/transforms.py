@@ -94,9 +94,14 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def normalize_rgb(rgb: np.ndarray) -> np.ndarray:
     """``uint8 [H, W, 3]`` -> ImageNet-normalised ``float32 [3, H, W]``."""
-    x = rgb.astype(np.float32) * np.float32(1.0 / 255.0)
-    x = (x - IMAGENET_MEAN) / IMAGENET_STD
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    # One strided copy into channels-first, then in-place arithmetic: the same float32 operations
+    # as (x / 255 - mean) / std on [H, W, 3], ~10x faster than computing on the transposed view.
+    x = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
+    x[...] = rgb.transpose(2, 0, 1)
+    x *= np.float32(1.0 / 255.0)
+    x -= IMAGENET_MEAN[:, None, None]
+    x /= IMAGENET_STD[:, None, None]
+    return x
 
 
 def hflip_target(target: np.ndarray, task: str) -> np.ndarray:
