@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mult.data.png import CorruptFileError, decode_png, encode_png, read_png
+from mult.data.png import CorruptFileError, decode_png, encode_png, encode_png_for_reading, read_png
 
 EXTREMES16 = np.array([[0, 1, 255, 256], [512, 8191, 65534, 65535]], np.uint16)
 
@@ -109,6 +109,25 @@ def test_encode_refuses_unsupported_arrays() -> None:
         encode_png(np.zeros((2, 2), np.float32))
     with pytest.raises(ValueError, match="uint16"):
         encode_png(np.zeros((2, 2, 3), np.uint16))
+
+
+@pytest.mark.parametrize("shape,dtype", [((37, 29), np.uint8), ((37, 29, 3), np.uint8), ((37, 29), np.uint16)])
+def test_encode_for_reading_is_exact_and_readable_by_pillow(shape, dtype) -> None:
+    arr = np.random.default_rng(1).integers(0, np.iinfo(dtype).max + 1, size=shape, dtype=dtype)
+    arr[0] = 0
+    arr[-1] = np.iinfo(dtype).max
+    data = encode_png_for_reading(arr)
+    out = decode_png(data)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, arr)
+    with Image.open(io.BytesIO(data)) as img:  # a standard PNG, channel order included
+        np.testing.assert_array_equal(np.asarray(img).astype(dtype), arr)
+
+
+def test_encode_for_reading_refuses_unsupported_arrays() -> None:
+    for bad in (np.zeros((2, 2), np.float32), np.zeros((2, 2, 3), np.uint16), np.zeros((2, 2, 4), np.uint8)):
+        with pytest.raises(ValueError, match="cannot encode"):
+            encode_png_for_reading(bad)
 
 
 def test_read_png_names_the_path(tmp_path) -> None:

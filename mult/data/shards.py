@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from mult.data.png import CorruptFileError, encode_png
+from mult.data.png import CorruptFileError, encode_png_for_reading
 from mult.data.storage import Storage, iter_chunks, open_storage
 from mult.data.views import View, get_format
 from mult.tasks import INPUT_DOMAIN, MASK_DOMAIN, TASKS
@@ -291,7 +291,7 @@ def _resized_members(raw: dict[str, Any], size: int) -> dict[str, bytes]:
             small = small.astype(np.uint8) * 255
         if small.dtype not in (np.uint8, np.uint16):
             raise ValueError(f"{domain}: raw arrays must be uint8, uint16 or bool, got {small.dtype}")
-        out[f"{domain}.png"] = encode_png(small)
+        out[f"{domain}.png"] = encode_png_for_reading(small)
     return out
 
 
