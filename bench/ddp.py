@@ -40,7 +40,7 @@ class TimingSession:
         self.inner = inner
         self.rank, self.world_size, self.device = inner.rank, inner.world_size, inner.device
         self.out_file = out_file
-        self.marks: list[tuple[int, float, float, float]] = []  # (step, time, samples_total, cpu_s)
+        self.marks: list[list] = []  # [step, time, samples_total, cpu_s, report_s]
 
     @staticmethod
     def _cpu_seconds() -> float:
@@ -62,9 +62,10 @@ class TimingSession:
         return self.inner.restored()
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        self.marks.append((int(metrics["step"]), time.perf_counter(), metrics["samples_total"],
-                           self._cpu_seconds()))
+        t0 = time.perf_counter()
+        self.marks.append([int(metrics["step"]), t0, metrics["samples_total"], self._cpu_seconds(), 0.0])
         self.inner.report(metrics, checkpoint_dir)
+        self.marks[-1][4] = time.perf_counter() - t0  # how long this report blocked the loop
 
     def dump(self) -> None:
         if self.rank == 0 and self.out_file:
@@ -111,11 +112,17 @@ def _ray_func(config: dict) -> None:
     _loop(config["cfg"], RaySession(), config["out"], config["local_dir"])
 
 
+def report_seconds(marks: list[list[float]], first: int, last: int) -> float:
+    """Mean time a report blocked rank 0's loop, over the reports inside the window."""
+    inside = [m[4] for m in marks if first <= int(m[0]) < last]
+    return sum(inside) / max(len(inside), 1)
+
+
 def throughput(marks: list[list[float]], first: int, last: int) -> tuple[float, float]:
     """Between the reports at steps ``first`` and ``last``: global samples per wall second, and
     samples per CPU-second of rank 0's processes (trainer + loader workers; Ray's own daemons
     are not counted), which contention from other jobs on the host disturbs far less."""
-    by_step = {int(m[0]): m[1:] for m in marks}
+    by_step = {int(m[0]): m[1:4] for m in marks}
     (t0, n0, c0), (t1, n1, c1) = by_step[first], by_step[last]
     return (n1 - n0) / (t1 - t0), (n1 - n0) / max(c1 - c0, 1e-9)
 
@@ -132,20 +139,29 @@ def run_torchrun(cfg: dict, workdir: Path, nproc: int) -> list:
 
 def run_ray(cfg: dict, workdir: Path, nproc: int) -> list:
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.raysetup import DEFAULT_HEALTH_CHECK_S, HEALTH_CHECK_ENV
 
     # As the training stage does (pipelines.raysetup): the report latency follows this interval.
     os.environ.setdefault(HEALTH_CHECK_ENV, DEFAULT_HEALTH_CHECK_S)
-    if not ray.is_initialized():
-        if "RAY_ADDRESS" in os.environ:
-            ray.init()
-        else:  # a private instance, never another user's head on this host
-            # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
-            # without it the cleaner retries in a loop and takes CPU from the workers.
-            ray.init(address="local", num_cpus=nproc, include_dashboard=True)
+    private = not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
+    if private:  # never another user's head on this host
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
+        # without it the cleaner retries in a loop and takes CPU from the workers.
+        ray.init(address="local", num_cpus=nproc, include_dashboard=True)
+    elif not ray.is_initialized():
+        ray.init()
+    try:
+        return _fit_ray(cfg, workdir, nproc)
+    finally:
+        if private:  # so the next torchrun run does not share the cores with idle Ray daemons
+            ray.shutdown()
+
+
+def _fit_ray(cfg: dict, workdir: Path, nproc: int) -> list:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     out = workdir / f"ray-{time.monotonic_ns()}.json"
     use_gpu = cfg["scaling"]["use_gpu"]
     trainer = TorchTrainer(
@@ -192,22 +208,24 @@ def main(argv: list[str] | None = None) -> int:
         cfg_dict = to_dict(cfg)
         first, last = args.log_every, args.steps - args.log_every
         results: dict[str, list[tuple[float, float]]] = {"torchrun": [], "ray": []}
+        blocked: dict[str, list[float]] = {"torchrun": [], "ray": []}
         loads = []
         for repeat in range(args.repeats):
             for name, runner in (("torchrun", run_torchrun), ("ray", run_ray)):
                 marks = runner(cfg_dict, workdir, args.nproc)
                 wall, per_cpu = throughput(marks, first, last)
                 results[name].append((wall, per_cpu))
+                blocked[name].append(report_seconds(marks, first, last))
                 loads.append(os.getloadavg()[0])
-                log.info("repeat %d %-8s %.2f samples/s, %.2f samples per rank-0 CPU-s (load %.1f)",
-                         repeat, name, wall, per_cpu, loads[-1])
+                log.info("repeat %d %-8s %.2f samples/s, %.2f samples per rank-0 CPU-s, reports block "
+                         "%.3f s each (load %.1f)", repeat, name, wall, per_cpu, blocked[name][-1], loads[-1])
     med = {n: [statistics.median(v[i] for v in r) for i in (0, 1)] for n, r in results.items()}
     ratio_wall = med["ray"][0] / med["torchrun"][0]
     ratio_cpu = med["ray"][1] / med["torchrun"][1]
     summary = {
         "config": args.config, "overrides": args.overrides, "steps": args.steps,
         "window": [first, last], "global_batch": cfg.train.global_batch_size, "workers": args.nproc,
-        "runs_wall_and_per_cpu": results, "medians": med, "load_average_1min": loads,
+        "runs_wall_and_per_cpu": results, "medians": med, "report_blocking_s": blocked, "load_average_1min": loads,
         "ratio_wall": ratio_wall, "ratio_per_cpu": ratio_cpu, "goal": 0.95,
     }
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
