@@ -105,19 +105,18 @@ def _to_array(img: Image.Image, palette: bool) -> np.ndarray:
 
 def encode_png_for_reading(array: np.ndarray) -> bytes:
     """Encode ``uint8``/``uint16`` gray ``[H, W]`` or ``uint8`` RGB ``[H, W, 3]`` losslessly for
-    data written once and decoded every epoch (train-resolution shards, NYU's per-view members).
+    data written once and decoded every epoch (the members of ``--resize`` shards).
 
     zlib level 6 with every row "Up"-filtered: measured on 256 px Taskonomy-format views, about
     15% smaller and 1.5x faster to decode than :func:`encode_png`'s level 1 with adaptive filters,
     for 2.5x the encoding time (BENCHMARKS.md, Loader). Exact: any PNG decoder reads the values back.
     """
+    cv2 = _cv2()
     array = np.ascontiguousarray(array)
     if array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3:
-        cv2 = _cv2()
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR order
     elif not ((array.dtype == np.uint8 or array.dtype == np.uint16) and array.ndim == 2):
         raise ValueError(f"cannot encode array of dtype {array.dtype} and shape {array.shape} as PNG")
-    cv2 = _cv2()
     params = [cv2.IMWRITE_PNG_COMPRESSION, 6]
     if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # older OpenCV builds: libpng's adaptive filters
         params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
