@@ -15,11 +15,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from mult.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_rgb
 from mult.tasks import get_task
 
-# The normalisation the loader applies to "rgb" (torchvision's ImageNet statistics).
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 INVALID_COLOUR = np.array([48, 48, 48], dtype=np.uint8)  # target pixels without a label
 SEPARATOR = 2  # pixels of white between grid cells
 
@@ -41,11 +39,11 @@ class GridSample:
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
-    """``uint8 [H, W, 3]`` -> ``float32 [3, H, W]`` ImageNet-normalised (the model's input)."""
+    """``uint8 [H, W, 3]`` -> ``float32 [3, H, W]`` ImageNet-normalised exactly as the loader
+    normalises training inputs."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
-    values = image.astype(np.float32) / 255.0
-    return ((values - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
+    return normalize_rgb(image)
 
 
 def denormalize(rgb: np.ndarray) -> np.ndarray:

@@ -15,7 +15,6 @@ Arrays follow file layout (``[H, W]``, ``[H, W, C]``) for raw data and network l
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from mult.tasks import INPUT_DOMAIN, MASK_DOMAIN, TASKS
@@ -43,6 +42,8 @@ def resize_nearest(array: np.ndarray, size: int, *, channels_first: bool = False
 
 def _smooth(image: np.ndarray, size: int) -> np.ndarray:
     """cv2 resize of ``[H, W]`` or ``[H, W, C<=4]`` float32: area when shrinking, bilinear else."""
+    import cv2  # imported here so that mult.viz (drawing, no resizing) does not need OpenCV
+
     h, w = image.shape[:2]
     if (h, w) == (size, size):
         return image
@@ -86,6 +87,8 @@ def resize_target(target: np.ndarray, valid: np.ndarray, size: int, mode: str) -
 
 def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     """``uint8 [H, W, 3]`` -> ``uint8 [S, S, 3]`` (area when shrinking, bilinear when enlarging)."""
+    import cv2
+
     if rgb.shape[:2] == (size, size):
         return rgb
     interp = cv2.INTER_AREA if size < min(rgb.shape[:2]) else cv2.INTER_LINEAR
