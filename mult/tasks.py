@@ -80,7 +80,7 @@ def normal_physical(raw: np.ndarray) -> np.ndarray:
     return vec
 
 
-def _channels_first(raw: np.ndarray) -> np.ndarray:
+def channels_first(raw: np.ndarray) -> np.ndarray:
     """``[H, W, C]`` -> a new contiguous ``float32 [C, H, W]`` (one strided copy; arithmetic on
     the transposed view instead would run ~6x slower)."""
     out = np.empty((raw.shape[2], *raw.shape[:2]), dtype=np.float32)
@@ -89,7 +89,7 @@ def _channels_first(raw: np.ndarray) -> np.ndarray:
 
 
 def normal_target(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    target = _channels_first(raw)
+    target = channels_first(raw)
     target /= np.float32(255.0)
     target *= np.float32(2.0)
     target -= np.float32(1.0)

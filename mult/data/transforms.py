@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mult.tasks import INPUT_DOMAIN, MASK_DOMAIN, TASKS
+from mult.tasks import INPUT_DOMAIN, MASK_DOMAIN, TASKS, channels_first
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -97,10 +97,8 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def normalize_rgb(rgb: np.ndarray) -> np.ndarray:
     """``uint8 [H, W, 3]`` -> ImageNet-normalised ``float32 [3, H, W]``."""
-    # One strided copy into channels-first, then in-place arithmetic: the same float32 operations
-    # as (x / 255 - mean) / std on [H, W, 3], ~10x faster than computing on the transposed view.
-    x = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
-    x[...] = rgb.transpose(2, 0, 1)
+    # In place after one copy: the same float32 operations as (x / 255 - mean) / std on [H, W, 3].
+    x = channels_first(rgb)
     x *= np.float32(1.0 / 255.0)
     x -= IMAGENET_MEAN[:, None, None]
     x /= IMAGENET_STD[:, None, None]
