@@ -119,7 +119,6 @@ def shard_batches(url: str, args: argparse.Namespace, steps: int) -> Iterator[di
 
 def per_file_batches(tree: Path, url: str, args: argparse.Namespace, steps: int) -> Iterator[dict]:
     """One GET per PNG (the view's files listed up front, as a file index would)."""
-    from mult.data.loader import collate, decode_members
     from mult.data.storage import s3_client
     from mult.data.views import get_format
 
@@ -128,20 +127,20 @@ def per_file_batches(tree: Path, url: str, args: argparse.Namespace, steps: int)
              for g in reader.groups() for v in reader.views(g)]
     bucket, _, prefix = url[len("s3://"):].partition("/")
     client = s3_client()
-    manifest = {"format": "taskonomy", "encoding": "original", "tasks": TASK_LIST}
-    n = 0
-    for _ in range(steps):
-        batch = []
-        for _ in range(args.batch_size):
-            key, files = index[n % len(index)]
-            n += 1
-            members = {d: client.get_object(Bucket=bucket, Key=f"{prefix}/{rel}")["Body"].read()
-                       for d, rel in files.items()}
-            batch.append(decode_members(members, key, manifest, TASK_LIST, args.image_size))
-        yield collate(batch)
+
+    def fetch(files: dict[str, str]) -> dict[str, bytes]:
+        return {d: client.get_object(Bucket=bucket, Key=f"{prefix}/{rel}")["Body"].read() for d, rel in files.items()}
+
+    return _decoded_batches(index, fetch, args, steps)
 
 
 def decode_only_batches(members: list[tuple[str, dict]], args: argparse.Namespace, steps: int) -> Iterator[dict]:
+    return _decoded_batches(members, lambda m: m, args, steps)
+
+
+def _decoded_batches(views: list[tuple[str, Any]], fetch: Callable[[Any], dict[str, bytes]],
+                     args: argparse.Namespace, steps: int) -> Iterator[dict]:
+    """Batches of ``views`` (cycled) whose member bytes ``fetch`` returns, decoded as the loader does."""
     from mult.data.loader import collate, decode_members
 
     manifest = {"format": "taskonomy", "encoding": "original", "tasks": TASK_LIST}
@@ -149,9 +148,9 @@ def decode_only_batches(members: list[tuple[str, dict]], args: argparse.Namespac
     for _ in range(steps):
         batch = []
         for _ in range(args.batch_size):
-            key, m = members[n % len(members)]
+            key, source = views[n % len(views)]
             n += 1
-            batch.append(decode_members(m, key, manifest, TASK_LIST, args.image_size))
+            batch.append(decode_members(fetch(source), key, manifest, TASK_LIST, args.image_size))
         yield collate(batch)
 
 
