@@ -3,9 +3,12 @@
     python bench/ddp.py [--config configs/cpu-small.yaml] [--steps 40] [--log-every 5] \
         [--repeats 2] [key=value ...]
 
-Both launchers run :func:`pipelines.train.train_loop` (model, AdamW + schedule, the shard
-loader, DDP over gloo on CPU or NCCL on GPU, ``ray.train.report`` every ``--log-every`` steps
-under Ray, a no-op under torchrun) on 2 workers over the same generated shards. Throughput is
+Both launchers run the library's loop, :func:`mult.training.loop.train_loop` (model, AdamW +
+schedule, the shard loader, DDP over gloo on CPU or NCCL on GPU, ``ray.train.report`` every
+``--log-every`` steps under Ray through :class:`mult.launch.trainer.RaySession`, a no-op under
+torchrun through :class:`mult.training.session.LocalSession`) on ``--nproc`` workers over the
+same generated shards. ``--nproc 1`` is the spare-core case: one worker, the other core left to
+Ray's own processes, as on a GPU node whose CPUs are not all busy feeding the GPUs. Throughput is
 the global samples/s between the reports at steps ``log_every`` and ``steps - log_every``: start-up,
 the first (warm-up) steps and the final validation + checkpoint are outside the window.
 Runs alternate (torchrun, Ray, torchrun, Ray, ...) and the median of each is compared against
@@ -15,7 +18,6 @@ the 0.95 goal.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -25,20 +27,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mult.training.session import Hook  # noqa: E402
+
 log = logging.getLogger("bench.ddp")
 
 
-class TimingSession:
-    """Wraps a launcher's session; records when each report is reached."""
+class ReportTimer(Hook):
+    """A loop hook: when each report is reached and how long it blocked the loop."""
 
-    def __init__(self, inner: Any, out_file: str | None) -> None:
-        self.inner = inner
-        self.rank, self.world_size, self.device = inner.rank, inner.world_size, inner.device
+    def __init__(self, rank: int, out_file: str | None) -> None:
+        self.rank = rank
         self.out_file = out_file
         self.marks: list[list] = []  # [step, time, samples_total, cpu_s, report_s]
 
@@ -58,56 +61,27 @@ class TimingSession:
                 continue
         return total
 
-    def restored(self):
-        return self.inner.restored()
+    def before_report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.marks.append([int(metrics["step"]), time.perf_counter(), metrics["samples_total"], self._cpu_seconds(), 0.0])
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        t0 = time.perf_counter()
-        self.marks.append([int(metrics["step"]), t0, metrics["samples_total"], self._cpu_seconds(), 0.0])
-        self.inner.report(metrics, checkpoint_dir)
-        self.marks[-1][4] = time.perf_counter() - t0  # how long this report blocked the loop
+    def after_report(self, metrics: dict[str, Any], seconds: float) -> None:
+        self.marks[-1][4] = seconds
 
-    def dump(self) -> None:
+    def close(self) -> None:
         if self.rank == 0 and self.out_file:
             Path(self.out_file).write_text(json.dumps(self.marks))
 
 
-class TorchrunSession:
-    """Rank and device from torchrun's environment; reports go nowhere."""
-
-    def __init__(self) -> None:
-        import torch
-        import torch.distributed as dist
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        else:
-            self.device = torch.device("cpu")
-
-    @contextlib.contextmanager
-    def restored(self) -> Iterator[None]:
-        yield None
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        pass
-
-
 def _loop(cfg_dict: dict, session: Any, out_file: str, local_dir: str) -> None:
     from mult.config import from_dict
-    from pipelines.train import LoopOptions, train_loop
+    from mult.training.loop import LoopOptions, train_loop
 
-    timed = TimingSession(session, out_file)
-    opts = LoopOptions(Path(local_dir), telemetry=False)
-    train_loop(from_dict(cfg_dict), timed, opts)
-    timed.dump()
+    timer = ReportTimer(session.rank, out_file)
+    train_loop(from_dict(cfg_dict), session, LoopOptions(Path(local_dir), telemetry=False), hooks=[timer])
 
 
 def _ray_func(config: dict) -> None:
-    from pipelines.train import RaySession
+    from mult.launch.trainer import RaySession
 
     _loop(config["cfg"], RaySession(), config["out"], config["local_dir"])
 
@@ -140,9 +114,9 @@ def run_torchrun(cfg: dict, workdir: Path, nproc: int) -> list:
 def run_ray(cfg: dict, workdir: Path, nproc: int) -> list:
     import ray
 
-    from pipelines.raysetup import DEFAULT_HEALTH_CHECK_S, HEALTH_CHECK_ENV
+    from mult.launch.env import DEFAULT_HEALTH_CHECK_S, HEALTH_CHECK_ENV
 
-    # As the training stage does (pipelines.raysetup): the report latency follows this interval.
+    # As the training stage does (mult.launch.env): the report latency follows this interval.
     os.environ.setdefault(HEALTH_CHECK_ENV, DEFAULT_HEALTH_CHECK_S)
     private = not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
     if private:  # never another user's head on this host
@@ -192,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be at least 3 x --log-every")
 
     from mult.config import load_config, to_dict
-    from mult.smoke import make_smoke_dataset
+    from mult.data.smoke import make_smoke_dataset
 
     with tempfile.TemporaryDirectory(prefix="mult-bench-") as tmp:
         workdir = Path(tmp)
         base = load_config(args.config, args.overrides)
-        train_url, _ = make_smoke_dataset(str(workdir / "data"), size=base.data.image_size)
+        train_url, _ = make_smoke_dataset(str(workdir / "data"), size=base.model.img_size)
         cfg = load_config(args.config, [
             *args.overrides, f"data.train={train_url}", "data.val=null",
             f"train.max_steps={args.steps}", f"train.log_every={args.log_every}",
@@ -239,7 +213,9 @@ def _worker(argv: list[str]) -> None:
     cfg_file, out_file, local_dir = argv
     import torch.distributed as dist
 
-    session = TorchrunSession()
+    from mult.training.session import LocalSession
+
+    session = LocalSession.from_torchrun()
     try:
         _loop(json.loads(Path(cfg_file).read_text()), session, out_file, local_dir)
     finally:

@@ -5,7 +5,7 @@
 Variants, all decoding the same views to the same 256 px targets in ONE process (one core):
 
   a  shard reader, shards in a local directory
-  b  shard reader, shards on a local S3 server (moto_server, started here)
+  b  shard reader, shards on a local S3 server (moto's server, started here)
   c  per-file loader: one GET per PNG against the same server (how Taskonomy is often streamed)
   d  decode only: the same member bytes already in memory (the limit for a and b)
   e  shard reader on ``--resize 256`` shards, local
@@ -21,18 +21,19 @@ import json
 import logging
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from mult.launch.local import MotoServer
+from mult.tasks import TASK_NAMES
+
 log = logging.getLogger("bench.loader")
-TASK_LIST = ["segment_semantic", "depth_zbuffer", "normal", "keypoints2d", "edge_texture", "reshading"]
+SET = "taskonomy"  # the format benchmarked: the training set's
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,46 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Setup.
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def moto_server(log_path: Path) -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 with fake credentials exported; yields the endpoint."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-    old = {k: os.environ.get(k) for k in env}
-    with open(log_path, "ab") as fh:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        for _ in range(300):  # up to 60 s
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError(f"moto_server on {endpoint} did not start; see {log_path}")
-        os.environ.update(env)
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def generate(out: Path, views: int, size: int) -> Path:
-    cmd = [sys.executable, "-m", "pipelines.synth", "--format", "taskonomy", "--out", str(out),
+    cmd = [sys.executable, "-m", "pipelines.synth", "--format", SET, "--out", str(out),
            "--scenes", "2", "--views", str(max(views // 2, 1)), "--size", str(size), "--seed", "0"]
     subprocess.run(cmd, check=True, capture_output=True)
     return out
@@ -113,16 +76,16 @@ def upload_dir(local: Path, url: str) -> None:
 def shard_batches(url: str, args: argparse.Namespace, steps: int) -> Iterator[dict]:
     from mult.data.loader import make_loader
 
-    return iter(make_loader(url, tasks=TASK_LIST, image_size=args.image_size, batch_size=args.batch_size,
+    return iter(make_loader(url, tasks=list(TASK_NAMES), image_size=args.image_size, batch_size=args.batch_size,
                             mode="train", steps_per_epoch=steps, num_workers=0, shuffle_buffer=8))
 
 
 def per_file_batches(tree: Path, url: str, args: argparse.Namespace, steps: int) -> Iterator[dict]:
     """One GET per PNG (the view's files listed up front, as a file index would)."""
-    from mult.data.storage import s3_client
-    from mult.data.views import get_format
+    from mult.data.datasets import get_dataset
+    from mult.data.s3 import s3_client
 
-    reader = get_format("taskonomy").reader(str(tree))
+    reader = get_dataset(SET).load_reader()(str(tree))
     index = [(v.key, {d: Path(m.path).relative_to(tree).as_posix() for d, m in v.members.items() if m.ext == "png"})
              for g in reader.groups() for v in reader.views(g)]
     bucket, _, prefix = url[len("s3://"):].partition("/")
@@ -141,21 +104,21 @@ def decode_only_batches(members: list[tuple[str, dict]], args: argparse.Namespac
 def _decoded_batches(views: list[tuple[str, Any]], fetch: Callable[[Any], dict[str, bytes]],
                      args: argparse.Namespace, steps: int) -> Iterator[dict]:
     """Batches of ``views`` (cycled) whose member bytes ``fetch`` returns, decoded as the loader does."""
-    from mult.data.loader import collate, decode_members
+    from mult.data.samples import collate, decode_members
 
-    manifest = {"format": "taskonomy", "encoding": "original", "tasks": TASK_LIST}
+    manifest = {"format": SET, "encoding": "original", "tasks": list(TASK_NAMES)}
     n = 0
     for _ in range(steps):
         batch = []
         for _ in range(args.batch_size):
             key, source = views[n % len(views)]
             n += 1
-            batch.append(decode_members(fetch(source), key, manifest, TASK_LIST, args.image_size))
+            batch.append(decode_members(fetch(source), key, manifest, list(TASK_NAMES), args.image_size))
         yield collate(batch)
 
 
 def load_all_members(shard_dir: Path) -> list[tuple[str, dict]]:
-    from mult.data.loader import split_members
+    from mult.data.samples import split_members
 
     out: dict[str, dict] = {}
     for path in sorted(shard_dir.glob("*.tar")):
@@ -202,19 +165,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         full, small = work / "shards", work / "shards-256"
         resize = args.image_size
         if not (full / sh.MANIFEST_NAME).exists():
-            sh.convert(sh.ShardSettings("taskonomy", str(tree), samples_per_shard=args.samples_per_shard), str(full))
+            sh.convert(sh.ShardSettings(SET, str(tree), samples_per_shard=args.samples_per_shard), str(full))
         if not (small / sh.MANIFEST_NAME).exists():
-            sh.convert(sh.ShardSettings("taskonomy", str(tree), samples_per_shard=args.samples_per_shard,
+            sh.convert(sh.ShardSettings(SET, str(tree), samples_per_shard=args.samples_per_shard,
                                         resize=resize), str(small))
         manifest = json.loads((full / sh.MANIFEST_NAME).read_text())
         bytes_per_view = manifest["bytes"] / manifest["num_samples"]
         small_manifest = json.loads((small / sh.MANIFEST_NAME).read_text())
         members = load_all_members(full)
 
-        endpoint = stack.enter_context(moto_server(work / "moto.log"))
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket="bench")
+        moto = stack.enter_context(MotoServer(log_dir=work))
+        stack.enter_context(moto.environment())
+        endpoint = moto.endpoint
+        moto.make_bucket("bench")
         upload_dir(full, "s3://bench/shards")
         upload_dir(tree, "s3://bench/tree")
         log.info("data: %d views, %.0f KB per view in shards; S3 at %s", manifest["num_samples"],

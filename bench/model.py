@@ -70,7 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 # Pieces.
 # ---------------------------------------------------------------------------------------------
 def _build(config: str, overrides: Sequence[str], mode: str | None, device: str):
-    from mult import build_model, load_config
+    from mult import load_config
+    from mult.model import build_model
 
     extra = [f"model.shared_attention={mode}"] if mode else []
     cfg = load_config(config, [*overrides, *extra])
@@ -78,9 +79,10 @@ def _build(config: str, overrides: Sequence[str], mode: str | None, device: str)
 
 
 def _autocast(device: str, cfg) -> contextlib.AbstractContextManager:
-    if device == "cuda" and cfg.train.precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The training step's own precision rule (mult.training.step.autocast)."""
+    from mult.training.step import autocast
+
+    return autocast(torch.device(device), cfg.train.precision)
 
 
 def _train_step(model, opt, images: torch.Tensor, autocast: contextlib.AbstractContextManager) -> None:

@@ -14,12 +14,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 
 from mult.tasks import TASK_NAMES, TASKS
 
+
+# MulT's shared-attention modes (see mult.model.decoder): the paper's, the released code's,
+# a variant and the ablation without sharing.
+SHARED_ATTENTION_MODES: tuple[str, ...] = ("reference", "encoder", "none")
 
 _SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
@@ -33,7 +37,7 @@ class ModelConfig:
     encoder: str = "swin_tiny_patch4_window7_224"  # any timm Swin name
     pretrained: bool = False
     pretrained_path: str | None = None  # a local timm checkpoint, for machines without a hub
-    img_size: int = 256
+    img_size: int = 256  # the one image size: model input, loader output, shard --resize
     window_size: int = 8
     embed_dim: int | None = None  # override the encoder width (tiny test models)
     depths: list[int] | None = None  # override the encoder's blocks per stage
@@ -43,7 +47,7 @@ class ModelConfig:
     head_channels: int | None = None  # hidden width of the task heads (default: max(16, C0 / 4))
     mlp_ratio: float = 4.0
     drop_path: float = 0.1
-    shared_attention: Literal["reference", "encoder", "none"] = "reference"
+    shared_attention: Literal[SHARED_ATTENTION_MODES] = "reference"  # type: ignore[valid-type]
     reference_task: str = "normal"
     activation_checkpointing: bool = False
     compile: bool = False
@@ -53,10 +57,9 @@ class ModelConfig:
 class DataConfig:
     train: str | None = None  # shard URL (directory or s3://bucket/prefix) with manifest.json
     val: str | None = None
-    image_size: int = 256
     num_workers: int = 2  # loader processes per rank
     shuffle_buffer: int = 256
-    steps_per_epoch: int | None = None  # default: samples in manifest / global batch
+    steps_per_epoch: int | None = None  # optimizer steps; default: samples in manifest / global batch
     bad_sample_policy: Literal["skip", "fail"] = "skip"
     hflip: bool = True
 
@@ -87,6 +90,16 @@ class TrainConfig:
     baselines: str | None = None  # JSON of single-task baseline metrics, for delta-m
     max_failures: int = 3
     log_every: int = 10  # optimizer steps between metric reports (each report is a barrier)
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step so that the global batch is reached."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size < per_step or self.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a positive multiple of "
+                f"micro_batch_size x world size ({self.micro_batch_size} x {world_size})"
+            )
+        return self.global_batch_size // per_step
 
 
 @dataclass
@@ -216,7 +229,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {tp!r}")
 
 
+# Keys that moved: an old config gets the new name instead of a bare "unknown key".
+MOVED_KEYS = {"data.image_size": "model.img_size"}
+
+
 def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
+    if prefix + name in MOVED_KEYS:
+        return ConfigError(f"config key {prefix + name!r} is now {MOVED_KEYS[prefix + name]!r}; rename it")
     valid = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
@@ -262,6 +281,19 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{'.'.join(parts[: i + 1])} must be a mapping")
         cls = tp
+
+
+def derive(cfg: Config, changes: Mapping[str, Any]) -> Config:
+    """A new, validated config: ``cfg`` with dotted keys replaced, e.g.
+    ``derive(cfg, {"train.max_steps": 4, "data.train": url, "loss_weights": {...}})``.
+
+    Keys and values are checked exactly as command-line overrides are (unknown keys and wrong
+    types raise :class:`ConfigError`); ``cfg`` itself is not changed.
+    """
+    dotted: dict[str, Any] = {}
+    for key, value in changes.items():
+        _set_dotted(dotted, key, value)
+    return from_dict(_merge(to_dict(cfg), dotted))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -365,7 +397,6 @@ def validate(cfg: Config) -> None:
         ("train.keep_checkpoints", t.keep_checkpoints),
         ("train.log_every", t.log_every),
         ("scaling.num_workers", cfg.scaling.num_workers),
-        ("data.image_size", cfg.data.image_size),
     ):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
@@ -395,6 +426,13 @@ def validate_tune(cfg: Config) -> None:
         raise ConfigError("tune: nothing to search; every task's weight is fixed")
     if cfg.tune.num_samples < 1 or cfg.tune.max_concurrent_trials < 1:
         raise ConfigError("tune.num_samples and tune.max_concurrent_trials must be >= 1")
+
+
+def add_config_arguments(parser: Any, example: str = "train.max_steps=10") -> None:
+    """The arguments every stage takes: ``--config PATH`` and dotted ``key=value`` overrides
+    (an ``argparse.ArgumentParser``'s; :func:`load_config` reads them)."""
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}, or @file.yaml")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

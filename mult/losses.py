@@ -1,6 +1,7 @@
-"""Per-task losses and the one place where they are weighted into a total.
+"""The per-task loss functions; :class:`mult.weighting.LossCombiner` weights them into a total.
 
-Conventions (shared with :mod:`mult.metrics`):
+The task table (:mod:`mult.tasks`) names each task's function. Conventions (shared with
+:mod:`mult.accumulators`):
 
 * ``pred``: ``float [B, C, H, W]`` in the task's target units (see :mod:`mult.tasks`);
   segmentation logits ``[B, K, H, W]``.
@@ -14,16 +15,10 @@ connected to ``pred`` (so ``backward`` and DDP work unchanged).
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Mapping, Sequence
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from mult.config import Config
-from mult.tasks import TASKS, get_task
-from mult.weighting import Weighting, build_weighting
 
 # The 9 one-pixel shifts (dy, dx) the rotate loss chooses from; (0, 0) is the plain L1.
 ROTATE_SHIFTS: tuple[tuple[int, int], ...] = tuple(
@@ -136,151 +131,3 @@ def segmentation_ce(
         return logits.sum() * 0.0
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     return total / count
-
-
-def _task_ce(pred: Tensor, target: Tensor, valid: Tensor | None, task: str) -> Tensor:
-    ignore = TASKS[task].ignore_index
-    return segmentation_ce(pred, target, valid, ignore_index=-100 if ignore is None else ignore)
-
-
-# TaskSpec.loss -> fn(pred, target, valid, task)
-LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor | None, str], Tensor]] = {
-    "cross_entropy": _task_ce,
-    "rotate_l1": lambda pred, target, valid, task: rotate_l1(pred, target, valid),
-    "masked_l1": lambda pred, target, valid, task: masked_l1(pred, target, valid),
-}
-
-
-def task_losses(
-    preds: Mapping[str, Tensor],
-    targets: Mapping[str, Tensor],
-    valid: Mapping[str, Tensor] | None,
-    tasks: Sequence[str],
-) -> dict[str, Tensor]:
-    """Each task's loss (``TASKS[t].loss``) in its target units, for the tasks in ``targets``.
-
-    A task in ``tasks`` but not in ``targets`` (a dataset without that label) is skipped; a task
-    with a target but no prediction is an error. ``valid`` may lack a task (every pixel counts).
-    Returns ``{task: scalar Tensor}``.
-    """
-    valid = valid or {}
-    out: dict[str, Tensor] = {}
-    for task in tasks:
-        spec = get_task(task)
-        if task not in targets:
-            continue
-        if task not in preds:
-            raise KeyError(
-                f"task {task!r} has a target but no prediction; predictions: {sorted(preds)}"
-            )
-        try:
-            loss_fn = LOSSES[spec.loss]
-        except KeyError:
-            raise ValueError(
-                f"task {task!r}: unknown loss {spec.loss!r}; known: {sorted(LOSSES)}"
-            ) from None
-        out[task] = loss_fn(preds[task], targets[task], valid.get(task), task)
-    return out
-
-
-class LossCombiner(nn.Module):
-    """Weights per-task losses into the total; the only place weighting happens.
-
-    ``weights`` holds the static ``loss_weights`` (missing tasks take ``TASKS[t].default_weight``);
-    ``weighting`` picks the strategy of :mod:`mult.weighting` (``fixed`` | ``uncertainty`` |
-    ``dwa``). Learnable parameters (uncertainty's log-variances) are this module's
-    ``parameters()``: add them to the optimiser, and under DDP average their gradients with
-    :meth:`all_reduce_grads_` (they live outside the DDP-wrapped model). ``state_dict`` holds
-    everything, DWA history included.
-    """
-
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        weights: Mapping[str, float] | None = None,
-        weighting: str = "fixed",
-        dwa_temperature: float = 2.0,
-    ) -> None:
-        super().__init__()
-        self.tasks: tuple[str, ...] = tuple(get_task(t).name for t in tasks)
-        if not self.tasks:
-            raise ValueError("LossCombiner needs at least one task")
-        weights = dict(weights or {})
-        unknown = sorted(set(weights) - set(self.tasks))
-        if unknown:
-            raise ValueError(
-                f"loss weights for tasks {unknown} that are not combined; tasks: {list(self.tasks)}"
-            )
-        resolved = {t: float(weights.get(t, TASKS[t].default_weight)) for t in self.tasks}
-        bad = {t: w for t, w in resolved.items() if not (math.isfinite(w) and w >= 0)}
-        if bad:
-            raise ValueError(f"loss weights must be finite and >= 0, got {bad}")
-        self.weights = resolved
-        self.weighting = weighting
-        self.strategy: Weighting = build_weighting(weighting, self.tasks, resolved, dwa_temperature)
-
-    def forward(self, losses: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """``losses``: ``{task: scalar}`` for any non-empty subset of the tasks.
-
-        Returns ``(total, details)``; details hold floats: ``loss/<task>`` (raw loss),
-        ``weight/<task>`` (effective multiplier), the strategy's values (``log_var/<task>`` or
-        ``dwa_factor/<task>``) and ``loss/total``. Raises :class:`NonFiniteLossError` when the
-        total is not finite.
-        """
-        if not losses:
-            raise ValueError(
-                f"LossCombiner got no task losses; expected some of {list(self.tasks)}"
-            )
-        unknown = sorted(set(losses) - set(self.tasks))
-        if unknown:
-            raise ValueError(
-                f"losses for tasks {unknown} that are not combined; tasks: {list(self.tasks)}"
-            )
-        total, effective, extras = self.strategy(losses)
-        names, values = ["loss/total"], [total]
-        for task, loss in losses.items():
-            names += [f"loss/{task}", f"weight/{task}"]
-            values += [loss, effective[task]]
-        for kind, per_task in extras.items():
-            for task, value in per_task.items():
-                names.append(f"{kind}/{task}")
-                values.append(value)
-        # one device->host copy for all of them
-        numbers = torch.stack(
-            [v.detach().float().reshape(()).to(total.device) for v in values]
-        ).tolist()
-        details = dict(zip(names, numbers))
-        if not math.isfinite(details["loss/total"]):
-            per_task = ", ".join(
-                f"{t}={details[f'loss/{t}']:.6g} (weight {details[f'weight/{t}']:.6g})"
-                for t in losses
-            )
-            raise NonFiniteLossError(
-                f"non-finite total loss {details['loss/total']}; per-task losses: {per_task}"
-            )
-        return total, details
-
-    def end_epoch(self, mean_losses: Mapping[str, float]) -> None:
-        """Hand the strategy one finished epoch's mean loss per task (DWA uses it)."""
-        self.strategy.end_epoch(mean_losses)
-
-    def all_reduce_grads_(self, group=None) -> None:
-        """Average the learnable parameters' gradients across ranks (no-op without a process group)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world = torch.distributed.get_world_size(group)
-        for param in self.parameters():
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM, group=group)
-            param.grad.div_(world)
-
-
-def build_loss_combiner(cfg: Config) -> LossCombiner:
-    """The combiner a :class:`mult.config.Config` describes (tasks, loss_weights, loss.*)."""
-    return LossCombiner(
-        cfg.tasks,
-        weights={t: cfg.weight(t) for t in cfg.tasks},
-        weighting=cfg.loss.weighting,
-        dwa_temperature=cfg.loss.dwa_temperature,
-    )

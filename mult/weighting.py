@@ -1,6 +1,6 @@
-"""Loss weighting strategies: how per-task losses become one number to minimise.
+"""Loss weighting: how per-task losses become one number to minimise.
 
-:class:`mult.losses.LossCombiner` holds one of these; nothing else weights losses. Every
+:class:`LossCombiner` is the one place where losses are weighted; it holds one strategy. Every
 strategy multiplies each task's loss by its static weight from ``loss_weights`` (what Ray Tune
 searches) and by a strategy factor:
 
@@ -28,7 +28,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from mult.tasks import TASKS
+from mult.config import Config
+from mult.losses import NonFiniteLossError
+from mult.tasks import TASKS, get_task
 
 
 class Weighting(nn.Module):
@@ -193,3 +195,95 @@ def build_weighting(
             f"unknown loss weighting {name!r}; choose from {sorted(WEIGHTINGS)}"
         ) from None
     return factory(tasks, weights, dwa_temperature)
+
+
+class LossCombiner(nn.Module):
+    """Weights per-task losses into the total; the only place weighting happens.
+
+    ``weights`` holds the static ``loss_weights`` (missing tasks take ``TASKS[t].default_weight``);
+    ``weighting`` picks the strategy of :mod:`mult.weighting` (``fixed`` | ``uncertainty`` |
+    ``dwa``). Learnable parameters (uncertainty's log-variances) are this module's
+    ``parameters()``: add them to the optimiser (:func:`mult.training.step.train_step` averages
+    their gradients across ranks, since they live outside the DDP-wrapped model). ``state_dict``
+    holds everything, DWA history included.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        weights: Mapping[str, float] | None = None,
+        weighting: str = "fixed",
+        dwa_temperature: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.tasks: tuple[str, ...] = tuple(get_task(t).name for t in tasks)
+        if not self.tasks:
+            raise ValueError("LossCombiner needs at least one task")
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(self.tasks))
+        if unknown:
+            raise ValueError(
+                f"loss weights for tasks {unknown} that are not combined; tasks: {list(self.tasks)}"
+            )
+        resolved = {t: float(weights.get(t, TASKS[t].default_weight)) for t in self.tasks}
+        bad = {t: w for t, w in resolved.items() if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise ValueError(f"loss weights must be finite and >= 0, got {bad}")
+        self.weights = resolved
+        self.weighting = weighting
+        self.strategy: Weighting = build_weighting(weighting, self.tasks, resolved, dwa_temperature)
+
+    def forward(self, losses: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """``losses``: ``{task: scalar}`` for any non-empty subset of the tasks.
+
+        Returns ``(total, details)``; details hold floats: ``loss/<task>`` (raw loss),
+        ``weight/<task>`` (effective multiplier), the strategy's values (``log_var/<task>`` or
+        ``dwa_factor/<task>``) and ``loss/total``. Raises :class:`NonFiniteLossError` when the
+        total is not finite.
+        """
+        if not losses:
+            raise ValueError(
+                f"LossCombiner got no task losses; expected some of {list(self.tasks)}"
+            )
+        unknown = sorted(set(losses) - set(self.tasks))
+        if unknown:
+            raise ValueError(
+                f"losses for tasks {unknown} that are not combined; tasks: {list(self.tasks)}"
+            )
+        total, effective, extras = self.strategy(losses)
+        names, values = ["loss/total"], [total]
+        for task, loss in losses.items():
+            names += [f"loss/{task}", f"weight/{task}"]
+            values += [loss, effective[task]]
+        for kind, per_task in extras.items():
+            for task, value in per_task.items():
+                names.append(f"{kind}/{task}")
+                values.append(value)
+        # one device->host copy for all of them
+        numbers = torch.stack(
+            [v.detach().float().reshape(()).to(total.device) for v in values]
+        ).tolist()
+        details = dict(zip(names, numbers))
+        if not math.isfinite(details["loss/total"]):
+            per_task = ", ".join(
+                f"{t}={details[f'loss/{t}']:.6g} (weight {details[f'weight/{t}']:.6g})"
+                for t in losses
+            )
+            raise NonFiniteLossError(
+                f"non-finite total loss {details['loss/total']}; per-task losses: {per_task}"
+            )
+        return total, details
+
+    def end_epoch(self, mean_losses: Mapping[str, float]) -> None:
+        """Hand the strategy one finished epoch's mean loss per task (DWA uses it)."""
+        self.strategy.end_epoch(mean_losses)
+
+
+def build_loss_combiner(cfg: Config) -> LossCombiner:
+    """The combiner a :class:`mult.config.Config` describes (tasks, loss_weights, loss.*)."""
+    return LossCombiner(
+        cfg.tasks,
+        weights={t: cfg.weight(t) for t in cfg.tasks},
+        weighting=cfg.loss.weighting,
+        dwa_temperature=cfg.loss.dwa_temperature,
+    )

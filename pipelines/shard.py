@@ -22,9 +22,9 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
-from mult.data.views import FORMAT_MODULES
+from mult.data.datasets import DATASET_NAMES
 
 log = logging.getLogger("pipelines.shard")
 
@@ -32,7 +32,7 @@ log = logging.getLogger("pipelines.shard")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--format", choices=sorted(FORMAT_MODULES), help="source dataset format")
+    parser.add_argument("--format", choices=DATASET_NAMES, help="source dataset format")
     parser.add_argument("--source", help="dataset root directory")
     parser.add_argument("--out", help="output: a local directory or s3://bucket/prefix")
     parser.add_argument("--split", default=None, help="keep one split (train/val/test; format-specific)")
@@ -64,45 +64,6 @@ def get_inspect_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------------------------------------
-# Ray.
-# ---------------------------------------------------------------------------------------------
-def ray_map(num_cpus: float = 1.0) -> Callable[[Callable[[str], dict], Sequence[str]], Iterable[dict]]:
-    """A ``map_groups`` for :func:`mult.data.shards.convert` running one Ray task per group,
-    with a progress bar. Every group is attempted; failures are raised together at the end."""
-
-    def run(fn: Callable[[str], dict], groups: Sequence[str]) -> list[dict]:
-        import ray
-        from tqdm import tqdm
-
-        from pipelines.raysetup import init_ray
-
-        init_ray(local_cpus=2)
-        task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
-        pending = {task.remote(g): g for g in groups}
-        results, failures = [], []
-        with tqdm(total=len(groups), unit="group", desc="shard", file=sys.stderr) as bar:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    group = pending.pop(ref)
-                    try:
-                        record = ray.get(ref)
-                        results.append(record)
-                        bar.set_postfix(samples=sum(r["samples"] for r in results), refresh=False)
-                    except Exception as exc:  # keep converting the rest; rerun resumes
-                        failures.append(f"{group}: {exc}")
-                        log.error("group %s failed: %s", group, exc)
-                    bar.update(1)
-        if failures:
-            from mult.data.shards import ConversionError
-
-            raise ConversionError(f"{len(failures)} group(s) failed (rerun to resume): " + "; ".join(failures[:5]))
-        return results
-
-    return run
-
-
 def _local_map(fn: Callable[[str], dict], groups: Sequence[str]) -> list[dict]:
     from tqdm import tqdm
 
@@ -113,51 +74,13 @@ def _local_map(fn: Callable[[str], dict], groups: Sequence[str]) -> list[dict]:
 # Inspect.
 # ---------------------------------------------------------------------------------------------
 def manifest_summary(url: str) -> dict[str, Any]:
-    from mult.data.loader import read_manifest
+    from mult.data.samples import read_manifest
 
     m = read_manifest(url)
     return {"url": url, "format": m["format"], "encoding": m["encoding"], "format_version": m["format_version"],
             "image_size": m.get("image_size"), "split": m.get("split"), "tasks": m["tasks"],
             "task_counts": m.get("task_counts"), "domains": m.get("domains"), "num_shards": len(m["shards"]),
             "num_samples": m["num_samples"], "bytes": m.get("bytes"), "bad_count": m.get("bad_count")}
-
-
-def sample_stats(url: str, key: str) -> dict[str, Any]:
-    """``{"key", "domains": {domain: {"min", "max", "mean", "valid_fraction"}}}`` over valid
-    pixels, in physical units, at the stored resolution."""
-    import numpy as np
-
-    from mult.data.loader import load_members, raw_decoder, read_manifest
-    from mult.tasks import INPUT_DOMAIN, MASK_DOMAIN, TASKS
-
-    manifest = read_manifest(url)
-    raw = raw_decoder(manifest)(load_members(url, key, manifest), key)
-    mask = raw.get(MASK_DOMAIN)
-    domains: dict[str, Any] = {}
-    for domain, array in raw.items():
-        if domain in TASKS:
-            spec = TASKS[domain]
-            values = spec.to_physical(array)
-            valid = spec.to_target(array)[1]
-            if mask is not None:
-                valid = valid & mask
-            per_pixel = values if values.ndim == 2 else None
-            valid = valid & (np.isfinite(per_pixel) if per_pixel is not None else np.isfinite(values).all(axis=-1))
-            selected = values[valid]
-        elif domain == INPUT_DOMAIN:
-            valid = np.ones(array.shape[:2], bool)
-            selected = array.astype(np.float64)[valid]
-        elif domain == MASK_DOMAIN:
-            valid = np.ones(array.shape[:2], bool)
-            selected = array.astype(np.float64)
-        else:
-            continue
-        if selected.size:
-            stats = {"min": float(selected.min()), "max": float(selected.max()), "mean": float(selected.mean())}
-        else:
-            stats = {"min": None, "max": None, "mean": None}
-        domains[domain] = {**stats, "valid_fraction": float(valid.mean())}
-    return {"key": key, "domains": domains}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "inspect":
+        from mult.data.samples import sample_stats
+
         args = get_inspect_parser().parse_args(argv[1:])
         out = sample_stats(args.url, args.key) if args.key else manifest_summary(args.url)
         print(json.dumps(out, indent=None if args.key else 1))
@@ -194,7 +119,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         convert_group(settings, args.out, groups[0], tmp_dir=args.tmp_dir)
         manifest = finalize(settings, args.out, groups[:1], max_bad=args.max_bad, max_bad_fraction=max_fraction)
     else:
-        mapper = ray_map(args.cpus_per_task) if args.executor == "ray" else _local_map
+        if args.executor == "ray":
+            from mult.launch.shard import ray_map
+
+            mapper = ray_map(args.cpus_per_task)
+        else:
+            mapper = _local_map
         manifest = convert(settings, args.out, map_groups=mapper, max_bad=args.max_bad,
                            max_bad_fraction=max_fraction, overwrite=args.overwrite, tmp_dir=args.tmp_dir)
     log.info("%d samples in %d shards (%.1f MB) at %s; %d bad file(s), see report.json",

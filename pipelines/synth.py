@@ -2,8 +2,9 @@
 
     python -m pipelines.synth --format taskonomy --out data/taskonomy --scenes 4 --views 25 --size 512
 
-Formats: ``taskonomy`` (``--layout plain|omnidata``), ``replica`` (omnidata layout), ``nyu``
-(``nyu_depth_v2_labeled.mat`` + ``splits.mat``), ``cocodoom`` (``run*/map*/...``). The same
+Formats: every dataset of :data:`mult.data.datasets.DATASETS` (``taskonomy`` with
+``--layout plain|omnidata``, ``replica`` in omnidata's layout, ``nyu`` as
+``nyu_depth_v2_labeled.mat`` + ``splits.mat``, ``cocodoom`` as ``run*/map*/...``). The same
 ``--seed`` writes the same bytes.
 """
 
@@ -14,21 +15,22 @@ import logging
 import time
 from pathlib import Path
 
+from mult.data.datasets import DATASET_NAMES, get_dataset
+
 log = logging.getLogger("pipelines.synth")
 
-FORMATS = ("taskonomy", "replica", "nyu", "cocodoom")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", required=True, choices=FORMATS, help="dataset layout to write")
+    parser.add_argument("--format", required=True, choices=DATASET_NAMES, help="dataset layout to write")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
     parser.add_argument("--scenes", type=_positive, default=4, help="buildings / scenes / runs")
     parser.add_argument("--views", type=_positive, default=8, help="views per scene")
     parser.add_argument("--size", type=_positive, default=512, help="image side in pixels (nyu, cocodoom: passed to their writers)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layout", choices=("plain", "omnidata"), default="omnidata",
-                        help="taskonomy only: with or without omnidata's taskonomy/ level")
+    parser.add_argument("--layout", choices=("plain", "omnidata"), default=None,
+                        help="taskonomy only: with or without omnidata's taskonomy/ level (default: omnidata)")
     parser.add_argument("--workers", type=_positive, default=None,
                         help="taskonomy, replica: render processes (default: one per core)")
     parser.add_argument("--smoke-test", action="store_true",
@@ -51,26 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.smoke_test:
         args.scenes, args.views, args.size = 2, 2, 64
-    if args.layout != "omnidata" and args.format != "taskonomy":
-        raise SystemExit(f"--layout {args.layout} applies to --format taskonomy only")
-    common = {"scenes": args.scenes, "views": args.views, "seed": args.seed}
     start = time.perf_counter()
-    if args.format == "taskonomy":
-        from mult.data.synth.taskonomy import write_taskonomy
-
-        summary = write_taskonomy(args.out, size=args.size, layout=args.layout, workers=args.workers, **common)
-    elif args.format == "replica":
-        from mult.data.synth.taskonomy import write_replica
-
-        summary = write_replica(args.out, size=args.size, workers=args.workers, **common)
-    elif args.format == "nyu":
-        from mult.data.synth.nyu import write_nyu
-
-        summary = write_nyu(args.out, size=args.size, **common)
-    else:
-        from mult.data.synth.cocodoom import write_cocodoom
-
-        summary = write_cocodoom(args.out, size=args.size, **common)
+    try:
+        summary = get_dataset(args.format).generate(args.out, scenes=args.scenes, views=args.views, size=args.size,
+                                                    seed=args.seed, layout=args.layout, workers=args.workers)
+    except ValueError as exc:  # an option this format's generator does not take, a bad size
+        raise SystemExit(f"error: {exc}") from None
     elapsed = time.perf_counter() - start
     log.info("%s dataset written to %s in %.1f s (%d scenes x %d views, seed %d)",
              args.format, args.out, elapsed, args.scenes, args.views, args.seed)

@@ -20,9 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from pipelines.services import MotoServer, RayHead, exported, free_port
-
-__all__ = ["MotoServer", "RayHead", "free_port"]
+from mult.launch.local import MotoServer, RayHead, exported
 
 REPO = Path(__file__).resolve().parents[1]
 

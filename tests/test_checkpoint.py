@@ -1,4 +1,4 @@
-"""mult.checkpoint: contents, weights_only loading, RNG round trip, picking and load_model (local, S3)."""
+"""mult.training.checkpoint: contents, weights_only loading, RNG round trip, picking and load_model (local, S3)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from mult import build_model, checkpoint, engine
+from mult.model import build_model
 from mult.config import load_config
-from mult.losses import build_loss_combiner
+from mult.training import checkpoint
+from mult.training.optim import build_optimizer, build_scheduler
+from mult.weighting import build_loss_combiner
 
-TINY = ["tasks=[normal,depth_zbuffer]", "model.img_size=32", "data.image_size=32",
+TINY = ["tasks=[normal,depth_zbuffer]", "model.img_size=32",
         "model.embed_dim=12", "model.num_heads=[1,1,1,1]", "model.shared_attention=reference"]
 
 
@@ -24,8 +26,8 @@ def tiny():
     torch.manual_seed(0)
     model = build_model(cfg)
     combiner = build_loss_combiner(cfg)
-    optimizer = engine.build_optimizer(model, cfg.optim, combiner)
-    scheduler = engine.build_scheduler(optimizer, warmup_steps=2, max_steps=10, min_lr_ratio=0.1)
+    optimizer = build_optimizer(model, cfg.optim, combiner)
+    scheduler = build_scheduler(optimizer, cfg.optim, max_steps=10)
     # one real step so the optimizer has state worth saving
     out = model(torch.rand(2, 3, 32, 32))
     sum(o.square().mean() for o in out.values()).backward()
@@ -60,7 +62,7 @@ def test_contents_load_with_weights_only(tmp_path: Path, tiny) -> None:
     assert state["counters"] == {"bad_samples": 2, "samples": 24}
     assert state["scheduler"]["last_epoch"] == 1
     assert len(state["optimizer"]["state"]) > 0
-    restored = engine.build_optimizer(build_model(cfg), cfg.optim, build_loss_combiner(cfg))
+    restored = build_optimizer(build_model(cfg), cfg.optim, build_loss_combiner(cfg))
     restored.load_state_dict(state["optimizer"])  # same parameter layout
     assert json.loads((directory / checkpoint.META_FILE).read_text())["val_objective"] == 1.5
 

@@ -24,8 +24,8 @@ from mult.data.cocodoom import (
     parse_file_name,
 )
 from mult.data.png import CorruptFileError, decode_png, encode_png
-from mult.data.synth.cocodoom import DOOM_FOV_RAD, doom_palette, quantize, write_cocodoom
-from mult.data.views import get_format
+from mult.data.datasets import DATASETS, get_dataset
+from mult.data.synth.cocodoom import DOOM_FOV_RAD, doom_palette, quantize
 from mult.tasks import TASKS
 
 H, W = 2, 3
@@ -164,8 +164,8 @@ def test_split_names_follow_the_release():
 
 
 def test_get_format_finds_cocodoom():
-    fmt = get_format("cocodoom")
-    assert fmt.reader is CocoDoomReader and fmt.to_raw is cocodoom_to_raw
+    spec = get_dataset("cocodoom")
+    assert spec.load_reader() is CocoDoomReader and spec.load_to_raw() is cocodoom_to_raw
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_to_raw_needs_rgb():
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cocodoom")
-    write_cocodoom(out, scenes=4, views=2, size=32, seed=3)
+    DATASETS["cocodoom"].generate(out, scenes=4, views=2, size=32, seed=3)
     return out
 
 
@@ -300,11 +300,12 @@ def test_generated_coco_json(generated: Path):
 
 def test_generated_round_trip_against_the_renderer(tmp_path: Path):
     """One map, one frame per run: rebuild run1's render from the seed and compare."""
-    from mult.data.synth.scene import make_scene, render, sample_camera
+    from mult.data.synth.render import render
+    from mult.data.synth.scene import make_scene, sample_camera
 
-    write_cocodoom(tmp_path, scenes=1, views=1, size=64, seed=9)
+    DATASETS["cocodoom"].generate(tmp_path, scenes=1, views=1, size=64, seed=9)
     rng = np.random.default_rng(9)
-    room = make_scene(rng, "cocodoom")
+    room = make_scene(rng, DATASETS["cocodoom"].style)
     rng.integers(3, 10)  # run1's first tic
     r = render(room, sample_camera(room, rng, fov_rad=DOOM_FOV_RAD, width=64, height=40))
     view = _views(CocoDoomReader(tmp_path, "run-full-train"))[0]
@@ -322,16 +323,16 @@ def test_generated_round_trip_against_the_renderer(tmp_path: Path):
 
 def test_generator_rejects_bad_arguments(tmp_path: Path):
     with pytest.raises(ValueError, match="multiple of 8"):
-        write_cocodoom(tmp_path, scenes=1, views=1, size=36, seed=0)
+        DATASETS["cocodoom"].generate(tmp_path, scenes=1, views=1, size=36, seed=0)
     with pytest.raises(ValueError, match="<= 32"):
-        write_cocodoom(tmp_path, scenes=33, views=1, size=32, seed=0)
+        DATASETS["cocodoom"].generate(tmp_path, scenes=33, views=1, size=32, seed=0)
     with pytest.raises(ValueError, match="scenes and views"):
-        write_cocodoom(tmp_path, scenes=1, views=0, size=32, seed=0)
+        DATASETS["cocodoom"].generate(tmp_path, scenes=1, views=0, size=32, seed=0)
 
 
 def test_same_seed_same_bytes(tmp_path: Path):
     for name in ("a", "b"):
-        write_cocodoom(tmp_path / name, scenes=1, views=1, size=16, seed=4)
+        DATASETS["cocodoom"].generate(tmp_path / name, scenes=1, views=1, size=16, seed=4)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert len(files) == 12 + 9
     for f in files:

@@ -128,3 +128,22 @@ def test_tune_checks_apply_only_to_a_search():
 def test_scientific_notation_without_a_dot_is_a_number():
     cfg = load_config(CONFIGS / "cpu-small.yaml", ["optim.lr=3e-3"])
     assert cfg.optim.lr == pytest.approx(0.003)
+
+
+def test_derive_changes_dotted_keys_and_validates() -> None:
+    from mult.config import derive
+
+    base = load_config(CONFIGS / "cpu-small.yaml")
+    cfg = derive(base, {"train.max_steps": 7, "loss_weights": {"normal": 2.0}, "data.train": "/x"})
+    assert cfg.train.max_steps == 7 and cfg.loss_weights == {"normal": 2.0} and cfg.data.train == "/x"
+    assert cfg.train.global_batch_size == base.train.global_batch_size  # the rest of the section is kept
+    assert base.train.max_steps != 7 and base.data.train is None  # the original is untouched
+    with pytest.raises(ConfigError, match="unknown config key 'train.max_step'"):
+        derive(base, {"train.max_step": 7})
+    with pytest.raises(ConfigError, match="train.max_steps: expected an integer"):
+        derive(base, {"train.max_steps": "many"})
+
+
+def test_one_image_size_key() -> None:
+    with pytest.raises(ConfigError, match="'data.image_size' is now 'model.img_size'"):
+        load_config(CONFIGS / "cpu-small.yaml", ["data.image_size=64"])

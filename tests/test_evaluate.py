@@ -1,4 +1,4 @@
-"""Evaluation: the library pieces (mult.evaluation, mult.report) and pipelines.evaluate.
+"""Evaluation: the library pieces (mult.experiments.transfer, .transfer_report) and pipelines.evaluate.
 
 The end-to-end tests generate data in all four formats with ``pipelines.synth``, shard it with
 ``pipelines.shard`` and evaluate a small constant-prediction model (it stands in for a trained
@@ -14,23 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from mult.evaluation import (
+from mult.data.datasets import DATASETS
+from mult.experiments.transfer import (
     EvaluationError,
-    SCALE_INVARIANT_DEPTH_ONLY,
+    compute_metrics,
+    evaluate_batches,
+    finetune,
     gaussian_blur,
     merge_grids,
+    plan_sets,
     select_tasks,
     sum_states,
 )
-from mult.report import (
-    ReportError,
-    attach_baselines,
-    check_baselines,
-    markdown_report,
-    relative_change,
-    write_report,
-)
-from mult.viz import GridSample
+from mult.experiments.transfer_report import attach_baselines, markdown_report, summary_table, write_report
+from mult.experiments.viz import GridSample
 from pipelines import evaluate as ev
 
 
@@ -81,12 +78,6 @@ def test_merge_grids_independent_of_split():
     assert keys(parts_a) == keys(parts_b) == ["k00", "k01", "k02", "k03"]
 
 
-def test_relative_change_direction():
-    assert relative_change(0.8, 0.5, higher_better=True) == pytest.approx(60.0)
-    assert relative_change(0.4, 0.5, higher_better=False) == pytest.approx(20.0)
-    assert math.isnan(relative_change(1.0, 0.0, True))
-
-
 def _results():
     return {
         "checkpoint": "ckpt",
@@ -132,24 +123,16 @@ def test_report_without_baselines_has_no_baseline_columns():
     assert "baseline |" not in md.split("## Sets")[0]
 
 
-def test_check_baselines_errors():
-    with pytest.raises(ReportError, match="unknown task 'depth'"):
-        check_baselines({"depth": {"abs_rel": 1.0}})
-    with pytest.raises(ReportError, match="unknown metric 'absrel'"):
-        check_baselines({"depth_zbuffer": {"absrel": 1.0}})
-    with pytest.raises(ReportError, match="expected a number"):
-        check_baselines({"depth_zbuffer": {"abs_rel": "x"}})
-
-
 # --------------------------------------------------------------------------------------------
 # Argument checking (no data needed).
 # --------------------------------------------------------------------------------------------
-def _args(*extra: str):
-    return ev.get_args_parser().parse_args(["--checkpoint", "c", "--out", "o", *extra])
+def _plan(*extra: str):
+    args = ev.get_args_parser().parse_args(["--checkpoint", "c", "--out", "o", *extra])
+    return plan_sets(args.data, args.finetune, args.blur)
 
 
 def test_plan_runs_rows():
-    runs = ev.plan_runs(_args("--data", "taskonomy=/t", "nyu=/n", "--finetune", "nyu=/nt", "--blur", "2", "0.5"))
+    runs = _plan("--data", "taskonomy=/t", "nyu=/n", "--finetune", "nyu=/nt", "--blur", "2", "0.5")
     assert [(r.label, r.name, r.url) for r in runs] == [
         ("taskonomy", "taskonomy", "/t"), ("nyu", "nyu", "/n"), ("nyu+ft", "nyu", "/n"),
         ("taskonomy+blur2", "taskonomy", "/t"), ("taskonomy+blur0.5", "taskonomy", "/t"),
@@ -166,16 +149,17 @@ def test_plan_runs_rows():
         (["--data", "nyu=/a", "nyu=/b"], "given twice"),
         (["--data", "nyu=/a", "--finetune", "replica=/r"], "give its test shards"),
         (["--data", "nyu=/a", "--blur", "1"], "give --data taskonomy"),
-        (["--data", "taskonomy=/a", "--blur", "-1"], "sigma must be > 0"),
+        (["--data", "taskonomy=/a", "--blur", "-1"], "sigma must be a finite number > 0"),
+        (["--data", "taskonomy=/a", "--blur", "nan"], "sigma must be a finite number > 0"),
     ],
 )
 def test_plan_runs_errors(extra, message):
     with pytest.raises(EvaluationError, match=message):
-        ev.plan_runs(_args(*extra))
+        _plan(*extra)
 
 
-def test_cocodoom_depth_is_scale_invariant_only():
-    assert "cocodoom" in SCALE_INVARIANT_DEPTH_ONLY
+def test_only_cocodoom_lacks_metric_depth():
+    assert [n for n, spec in DATASETS.items() if not spec.metric_depth] == ["cocodoom"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,8 +271,6 @@ def _collect(batches, tasks):
 
 
 def test_evaluate_batches_constant_model_by_hand():
-    from mult.evaluation import compute_metrics, evaluate_batches
-
     batches = _fake_batches()
     out = evaluate_batches(ConstantModel(), batches, ALL_TASKS, grid_samples=3)
     assert out.num_samples == 4
@@ -301,28 +283,23 @@ def test_evaluate_batches_constant_model_by_hand():
 
 
 def test_split_states_sum_to_the_whole():
-    from mult.evaluation import evaluate_batches
-
     batches = _fake_batches(n_batches=3)
     whole = evaluate_batches(ConstantModel(), batches, ALL_TASKS).state
     parts = [evaluate_batches(ConstantModel(), [bt], ALL_TASKS).state for bt in batches]
     torch.testing.assert_close(sum_states(parts), whole, rtol=1e-13, atol=0)
 
 
-def test_evaluate_batches_errors():
-    from mult.evaluation import evaluate_batches
-
+def test_evaluate_batches_absent_targets_and_predictions():
     batches = _fake_batches(1)
     del batches[0]["targets"]["edge_texture"]
-    with pytest.raises(EvaluationError, match="lacks targets"):
-        evaluate_batches(ConstantModel(), batches, ["depth_zbuffer", "edge_texture"])
-    with pytest.raises(EvaluationError, match="the model predicts"):
+    out = evaluate_batches(ConstantModel(), batches, ["depth_zbuffer", "edge_texture"])
+    got = compute_metrics(["depth_zbuffer", "edge_texture"], out.state, "taskonomy")
+    assert set(got) == {"depth_zbuffer"}  # a task without labels in the data gets no numbers
+    with pytest.raises(KeyError, match="'depth_zbuffer' has a target but no prediction"):
         evaluate_batches(ConstantModel(["normal"]), _fake_batches(1), ["depth_zbuffer"])
 
 
 def test_finetune_lowers_the_loss():
-    from mult.evaluation import finetune
-
     class Affine(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -397,8 +374,8 @@ def _loader_targets(url: str, tasks: list[str], size: int):
 
 
 def _patch_model(monkeypatch, model, tasks, img_size):
-    from mult import checkpoint
     from mult.config import Config
+    from mult.training import checkpoint
 
     cfg = Config(tasks=list(tasks))
     cfg.model.img_size = img_size
@@ -413,7 +390,7 @@ def test_evaluate_four_formats_by_hand(shard_sets, tmp_path, monkeypatch):
     results = ev.main(["--checkpoint", "const", "--data", *data, "--out", str(out), "--no-ray", "--grid-samples", "2"])
     sets = {e["label"]: e for e in results["sets"]}
     assert list(sets) == list(SPLITS)
-    from mult.data.loader import read_manifest
+    from mult.data.samples import read_manifest
 
     for name, entry in sets.items():
         manifest_tasks = read_manifest(shard_sets[name])["tasks"]
@@ -452,8 +429,9 @@ def test_bad_dataset_urls(shard_sets, tmp_path, monkeypatch):
 
 def _tiny_checkpoint(directory: Path, tasks: list[str]) -> Path:
     """A real (untrained) MulT checkpoint on fewer tasks, written by the trainer's code."""
-    from mult import build_model, load_config
-    from mult.checkpoint import save_checkpoint
+    from mult import load_config
+    from mult.model import build_model
+    from mult.training.checkpoint import save_checkpoint
 
     cfg = load_config(REPO / "configs" / "cpu-small.yaml", [f"tasks=[{','.join(tasks)}]", "model.reference_task=normal"])
     torch.manual_seed(0)
@@ -483,8 +461,6 @@ def test_fewer_tasks_finetune_and_blur(shard_sets, tmp_path):
 
 
 def test_summary_table_primary_metrics():
-    from mult.report import summary_table
-
     lines = summary_table(_results()).splitlines()
     assert lines[0] == "| set | depth_zbuffer | normal |"
     # taskonomy has no l1_m: the first depth metric it reports is abs_rel; nyu+ft has no normals.

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from mult.data import shards as sh
-from mult.data.loader import BadSampleError, decode_members, load_members, make_loader, read_manifest
+from mult.data.loader import BadSampleError, make_loader
 from mult.data.png import encode_png, read_png
+from mult.data.samples import decode_members, load_members, read_manifest
 from mult.data.storage import open_storage
 from mult.data.transforms import normalize_rgb
 from mult.tasks import TASKS
-from tests.conftest import MotoServer
+from mult.launch.local import MotoServer
 
 TASK_LIST = list(TASKS)
 

@@ -9,16 +9,9 @@ import pytest
 import torch
 
 from mult.config import load_config
-from mult.losses import (
-    LossCombiner,
-    NonFiniteLossError,
-    build_loss_combiner,
-    masked_l1,
-    rotate_l1,
-    segmentation_ce,
-    task_losses,
-)
-from mult.tasks import TASK_NAMES, TASKS
+from mult.losses import NonFiniteLossError, masked_l1, rotate_l1, segmentation_ce
+from mult.tasks import TASK_NAMES, TASKS, task_losses
+from mult.weighting import LossCombiner, build_loss_combiner
 
 
 def _batch(tasks=TASK_NAMES, b=2, h=6, w=6, seed=0):

@@ -10,19 +10,17 @@ import multiprocessing
 import pytest
 import torch
 
-from mult.losses import task_losses
-from mult.metrics import (
+from mult.accumulators import (
     NORMAL_HIST_BIN_DEG,
     DepthAccumulator,
     L1Accumulator,
-    MetricSuite,
     NormalAccumulator,
     SegmentationAccumulator,
-    build_accumulator,
-    delta_m,
-    load_baselines,
 )
-from mult.tasks import DEPTH_UNITS_PER_METRE, TASK_NAMES, TASKS
+from mult.encodings import DEPTH_UNITS_PER_METRE
+from mult.metrics import MetricSuite, delta_m, relative_change
+from mult.training.plan import load_baselines
+from mult.tasks import TASK_NAMES, TASKS, task_losses
 
 
 def _batches(n, b=2, h=6, w=6, seed=0, tasks=TASK_NAMES):
@@ -159,7 +157,7 @@ def test_suite_reports_exactly_the_task_table_metrics(task):
     got = suite.compute()[task]
     assert set(got) == {m.name for m in TASKS[task].metrics}
     assert all(math.isfinite(v) for v in got.values())
-    assert isinstance(build_accumulator(task), type(suite.accumulators[task]))
+    assert isinstance(TASKS[task].accumulator(), type(suite.accumulators[task]))
 
 
 def test_suite_loss_is_the_batch_size_weighted_mean_and_absent_tasks_are_left_out():
@@ -267,6 +265,15 @@ def test_delta_m_signs_and_value():
     assert delta_m(baselines, baselines, tasks) == 0.0
 
 
+def test_relative_change_is_positive_when_better_whatever_the_sign():
+    assert relative_change(0.8, 0.5, higher_is_better=True) == pytest.approx(60.0)
+    assert relative_change(0.4, 0.5, higher_is_better=False) == pytest.approx(20.0)
+    # a negative baseline: moving up is still better for a higher-is-better metric
+    assert relative_change(-0.5, -1.0, higher_is_better=True) == pytest.approx(50.0)
+    assert relative_change(-1.5, -1.0, higher_is_better=False) == pytest.approx(50.0)
+    assert math.isnan(relative_change(1.0, 0.0, higher_is_better=True))
+
+
 def test_delta_m_names_everything_missing():
     with pytest.raises(ValueError) as info:
         delta_m(
@@ -296,7 +303,13 @@ def test_load_baselines(tmp_path):
     with pytest.raises(ValueError, match=r"lack depth_zbuffer\.l1_m, edge_texture\.l1"):
         load_baselines(str(path), tasks=["normal", "depth_zbuffer", "edge_texture"])
     path.write_text('{"normal": {"mean_angle": "twenty"}}')
-    with pytest.raises(ValueError, match="non-numeric"):
+    with pytest.raises(ValueError, match="not a number"):
+        load_baselines(str(path))
+    path.write_text('{"depth": {"l1_m": 1.0}}')
+    with pytest.raises(ValueError, match="unknown task 'depth'"):
+        load_baselines(str(path))
+    path.write_text('{"depth_zbuffer": {"absrel": 1.0}}')
+    with pytest.raises(ValueError, match="unknown metric 'absrel'"):
         load_baselines(str(path))
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

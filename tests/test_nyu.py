@@ -21,9 +21,10 @@ from mult.data.label_maps import (
 )
 from mult.data.nyu import NYUReader, depth_to_raw, nyu_to_raw, read_splits
 from mult.data.png import CorruptFileError, decode_png, encode_png
-from mult.data.synth.nyu import KINECT_FOV_RAD, synthetic_map_class, write_nyu
-from mult.data.views import get_format
-from mult.tasks import SEMANTIC_CLASSES, TASKS
+from mult.data.datasets import DATASETS, get_dataset
+from mult.data.synth.nyu import KINECT_FOV_RAD, synthetic_map_class
+from mult.encodings import SEMANTIC_CLASSES
+from mult.tasks import TASKS
 
 W, H = 4, 3  # hand-built frames: 3 rows x 4 columns
 
@@ -212,8 +213,8 @@ def test_missing_domain_is_reported(tmp_path: Path, depths, labels, missing):
 
 
 def test_get_format_finds_nyu():
-    fmt = get_format("nyu")
-    assert fmt.reader is NYUReader and fmt.to_raw is nyu_to_raw
+    spec = get_dataset("nyu")
+    assert spec.load_reader() is NYUReader and spec.load_to_raw() is nyu_to_raw
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,7 +318,7 @@ def test_depth_to_raw_clips_far_values():
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("nyu")
-    write_nyu(out, scenes=3, views=2, size=32, seed=5)
+    DATASETS["nyu"].generate(out, scenes=3, views=2, size=32, seed=5)
     return out
 
 
@@ -353,11 +354,12 @@ def test_generated_splits_keep_scenes_together(generated: Path):
 
 def test_generated_round_trip_against_the_renderer(tmp_path: Path):
     """One scene, one view: rebuild the render from the seed and compare what the reader gives."""
-    from mult.data.synth.scene import make_scene, render, sample_camera
+    from mult.data.synth.render import render
+    from mult.data.synth.scene import make_scene, sample_camera
 
-    write_nyu(tmp_path, scenes=1, views=1, size=64, seed=11)
+    DATASETS["nyu"].generate(tmp_path, scenes=1, views=1, size=64, seed=11)
     rng = np.random.default_rng(11)
-    scene = make_scene(rng, "nyu")
+    scene = make_scene(rng, DATASETS["nyu"].style)
     r = render(scene, sample_camera(scene, rng, fov_rad=KINECT_FOV_RAD, width=64, height=48))
     raw = _raw(_all_views(NYUReader(tmp_path))[0])
     np.testing.assert_array_equal(raw["rgb"], r.rgb)
@@ -376,9 +378,9 @@ def test_generated_round_trip_against_the_renderer(tmp_path: Path):
 
 def test_generator_rejects_bad_sizes(tmp_path: Path):
     with pytest.raises(ValueError, match="multiple of 4"):
-        write_nyu(tmp_path, scenes=1, views=1, size=30, seed=0)
+        DATASETS["nyu"].generate(tmp_path, scenes=1, views=1, size=30, seed=0)
     with pytest.raises(ValueError, match="scenes and views"):
-        write_nyu(tmp_path, scenes=0, views=1, size=32, seed=0)
+        DATASETS["nyu"].generate(tmp_path, scenes=0, views=1, size=32, seed=0)
 
 
 def test_label_maps_module_has_no_mutable_lut():
@@ -388,6 +390,6 @@ def test_label_maps_module_has_no_mutable_lut():
 
 def test_same_seed_same_bytes(tmp_path: Path):
     for name in ("a", "b"):
-        write_nyu(tmp_path / name, scenes=2, views=1, size=16, seed=4)
+        DATASETS["nyu"].generate(tmp_path / name, scenes=2, views=1, size=16, seed=4)
     for f in ("nyu_depth_v2_labeled.mat", "splits.mat", "classMapping40.mat"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mult.tasks import NUM_SEMANTIC_CLASSES
-from mult.viz import draw_task, normalize_image
+from mult.encodings import NUM_SEMANTIC_CLASSES
+from mult.experiments.viz import draw_task, normalize_image
+from mult.experiments import predict as lib
 from pipelines import predict as pr
 
 
@@ -32,17 +33,17 @@ def _smooth_image(h: int, w: int) -> np.ndarray:
 
 
 def test_letterbox_geometry():
-    x, (nh, nw) = pr.letterbox(_smooth_image(30, 50), 32)
+    x, (nh, nw) = lib.letterbox(_smooth_image(30, 50), 32)
     assert x.shape == (1, 3, 32, 32) and (nh, nw) == (19, 32)
     assert torch.all(x[:, :, nh:, :] == 0)  # padding is the ImageNet mean
-    x, (nh, nw) = pr.letterbox(_smooth_image(100, 7), 32)
+    x, (nh, nw) = lib.letterbox(_smooth_image(100, 7), 32)
     assert (nh, nw) == (32, 2) and torch.all(x[:, :, :, nw:] == 0)
 
 
 @pytest.mark.parametrize("h, w", [(30, 50), (77, 41), (16, 16), (200, 120)])
 def test_predict_image_maps_back_to_original_size(h, w):
     image = _smooth_image(h, w)
-    preds = pr.predict_image(EchoModel(), image, 32)
+    preds = lib.predict_image(EchoModel(), image, 32)
     assert preds["normal"].shape == (3, h, w)
     assert preds["depth_zbuffer"].shape == (1, h, w)
     assert preds["segment_semantic"].shape == (NUM_SEMANTIC_CLASSES, h, w)
@@ -59,24 +60,24 @@ def test_predict_image_maps_back_to_original_size(h, w):
 def test_read_image_modes_and_errors(tmp_path):
     Image.new("RGBA", (9, 5), (10, 20, 30, 40)).save(tmp_path / "a.png")
     Image.new("L", (4, 6), 77).save(tmp_path / "b.jpg")
-    assert pr.read_image(tmp_path / "a.png").shape == (5, 9, 3)
-    assert pr.read_image(tmp_path / "b.jpg").shape == (6, 4, 3)
+    assert lib.read_image(tmp_path / "a.png").shape == (5, 9, 3)
+    assert lib.read_image(tmp_path / "b.jpg").shape == (6, 4, 3)
     (tmp_path / "c.png").write_bytes(b"not an image")
-    with pytest.raises(pr.PredictError, match="cannot be read"):
-        pr.read_image(tmp_path / "c.png")
-    with pytest.raises(pr.PredictError, match="does not exist"):
-        pr.read_image(tmp_path / "missing.png")
+    with pytest.raises(lib.PredictError, match="cannot be read"):
+        lib.read_image(tmp_path / "c.png")
+    with pytest.raises(lib.PredictError, match="does not exist"):
+        lib.read_image(tmp_path / "missing.png")
 
 
 def test_out_names_unique():
-    assert pr._out_names(["a/x.png", "b/x.jpg", "y.png"]) == ["000_x", "001_x", "y"]
+    assert lib.output_names(["a/x.png", "b/x.jpg", "y.png"]) == ["000_x", "001_x", "y"]
 
 
 def test_main_writes_one_png_per_task(tmp_path, monkeypatch):
     """The entry point with ``load_model`` replaced by the echo model (the CLI path, not the
     checkpoint format, is under test here; test_main_with_real_checkpoint covers that)."""
-    from mult import checkpoint
     from mult.config import Config
+    from mult.training import checkpoint
 
     cfg = Config(tasks=["normal", "depth_zbuffer", "segment_semantic"])
     cfg.model.img_size = 32
@@ -97,7 +98,7 @@ def test_main_writes_one_png_per_task(tmp_path, monkeypatch):
 
 def test_main_bad_image_fails_before_loading(tmp_path):
     (tmp_path / "x.png").write_bytes(b"junk")
-    with pytest.raises(pr.PredictError, match="x.png"):
+    with pytest.raises(lib.PredictError, match="x.png"):
         pr.main(["--checkpoint", "/nonexistent", str(tmp_path / "x.png"), "--out", str(tmp_path)])
 
 
@@ -105,8 +106,9 @@ def test_main_with_real_checkpoint(tmp_path):
     """A real (untrained) tiny MulT checkpoint, written by the trainer's code, on odd sizes."""
     from pathlib import Path
 
-    from mult import build_model, load_config
-    from mult.checkpoint import save_checkpoint
+    from mult import load_config
+    from mult.model import build_model
+    from mult.training.checkpoint import save_checkpoint
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / "cpu-small.yaml", ["tasks=[segment_semantic,depth_zbuffer,normal]"])
@@ -124,5 +126,5 @@ def test_main_with_real_checkpoint(tmp_path):
 
 def test_bad_device(tmp_path):
     Image.fromarray(_smooth_image(8, 8)).save(tmp_path / "a.png")
-    with pytest.raises(pr.PredictError, match="--device 'gpu0'"):
+    with pytest.raises(lib.PredictError, match="--device 'gpu0'"):
         pr.main(["--checkpoint", "x", str(tmp_path / "a.png"), "--out", str(tmp_path), "--device", "gpu0"])

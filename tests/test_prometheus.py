@@ -33,8 +33,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mult.telemetry import ADDRESS_FILE, METRIC_NAMES, read_address_file
-from pipelines.services import free_port, stop_process
+from mult.training.telemetry import ADDRESS_FILE, METRIC_NAMES, read_address_file
+from mult.launch.local import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRAPE_CONFIG = ROOT / "cluster" / "prometheus" / "prometheus.yml"
@@ -50,7 +50,7 @@ TASKS = ["normal", "depth_zbuffer", "segment_semantic"]
 # The smoke test's kind of run, at 32 px with a smaller model (as tests/test_train.py runs it).
 TRAINING = [
     "--config", "configs/cpu-small.yaml", f"tasks=[{','.join(TASKS)}]", "model.img_size=32",
-    "data.image_size=32", "model.embed_dim=12", "model.num_heads=[1,1,1,1]", "data.num_workers=1",
+    "model.embed_dim=12", "model.num_heads=[1,1,1,1]", "data.num_workers=1",
     "train.global_batch_size=4", "train.micro_batch_size=2", "optim.warmup_steps=1", "train.log_every=1",
     "train.val_every=4", "train.val_batches=1", "train.checkpoint_every=1000", "train.precision=fp32",
     "metrics.tensorboard=false",
@@ -150,7 +150,7 @@ def _dashboard_exprs() -> list[str]:
 @pytest.fixture(scope="module")
 def smoke_shards(s3_server) -> tuple[str, str]:
     """The smoke test's generated dataset (train, val shard URLs), in the local S3 server."""
-    from mult.smoke import make_smoke_dataset
+    from mult.data.smoke import make_smoke_dataset
 
     bucket = s3_server.make_bucket(BUCKET)
     return make_smoke_dataset(f"{bucket}/data", size=32, seed=11)

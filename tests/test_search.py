@@ -1,4 +1,4 @@
-"""The pure-Python parts of the loss-weight search (mult.search): no Ray here."""
+"""The loss-weight search without Ray (mult.experiments.search, .search_report)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mult.config import ConfigError, load_config
-from mult.search import (
+from mult.experiments.search import (
     DELTA_M,
     FALLBACK,
     SearchSpace,
@@ -21,9 +21,9 @@ from mult.search import (
     compute_objective,
     normalized_loss,
     read_records,
-    split_val_metrics,
-    write_outputs,
 )
+from mult.experiments.search_report import write_outputs
+from mult.training.loop import val_metrics
 
 TASKS3 = "tasks=[normal,depth_zbuffer,segment_semantic]"
 
@@ -88,10 +88,10 @@ def test_bad_tune_keys_fail_when_the_config_loads(override: str, message: str) -
 # ---------------------------------------------------------------------------------------------
 # Objective.
 # ---------------------------------------------------------------------------------------------
-def test_split_val_metrics_ignores_other_keys() -> None:
+def test_val_metrics_ignores_other_keys() -> None:
     flat = {"val/normal/loss": 0.5, "val/normal/mean_angle": 30, "loss/normal": 9.0, "val_objective": 1.0,
             "step": 4}
-    assert split_val_metrics(flat) == {"normal": {"loss": 0.5, "mean_angle": 30.0}}
+    assert val_metrics(flat) == {"normal": {"loss": 0.5, "mean_angle": 30.0}}
 
 
 def test_fallback_objective_is_the_mean_normalised_loss() -> None:

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from mult.data import shards as sh
-from mult.data.loader import decode_sample, make_loader, read_manifest
-from mult.data.png import CorruptFileError, encode_png, read_png
+from mult.data.datasets import get_dataset
+from mult.data.loader import make_loader
+from mult.data.png import CorruptFileError, check_png, encode_png, read_png
+from mult.data.samples import decode_sample, read_manifest
 from mult.data.storage import TMP_MARKER, open_storage
-from mult.data.views import get_format
+from mult.data.tarfiles import verify_shards
 from mult.tasks import TASKS
 from pipelines import shard as cli
 
@@ -48,19 +50,19 @@ def _taskonomy_file(root: Path, folder: str, building: str, point: int, view: in
 # ---------------------------------------------------------------------------------------------
 def test_check_png() -> None:
     data = encode_png(np.arange(64, dtype=np.uint16).reshape(8, 8))
-    sh.check_png(data)
+    check_png(data)
     with pytest.raises(CorruptFileError, match="truncated"):
-        sh.check_png(data[:-20], "x.png")
+        check_png(data[:-20], "x.png")
     flipped = bytearray(data)
     flipped[40] ^= 0xFF
     with pytest.raises(CorruptFileError, match="bad CRC"):
-        sh.check_png(bytes(flipped), "x.png")
+        check_png(bytes(flipped), "x.png")
     with pytest.raises(CorruptFileError, match="signature"):
-        sh.check_png(b"GIF89a" + data, "x.png")
+        check_png(b"GIF89a" + data, "x.png")
 
 
 def test_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="valid formats"):
+    with pytest.raises(ValueError, match="valid datasets"):
         sh.ShardSettings(format="kitti", source="/x")
     with pytest.raises(ValueError, match="samples_per_shard"):
         sh.ShardSettings(format="nyu", source="/x", samples_per_shard=0)
@@ -73,13 +75,13 @@ def test_round_trip_is_byte_exact(fmt: str, synth_tree, tmp_path: Path) -> None:
     source = synth_tree(fmt)
     out = tmp_path / "shards"
     manifest = sh.convert(_settings(fmt, source, samples_per_shard=2), str(out))
-    reader = get_format(fmt).reader(str(source))
+    reader = get_dataset(fmt).load_reader()(str(source))
     views = {v.key: v for g in reader.groups() for v in reader.views(g)}
     assert manifest["format"] == fmt and manifest["encoding"] == "original"
     assert manifest["format_version"] == sh.FORMAT_VERSION
     assert manifest["num_samples"] == len(views) == sum(s["samples"] for s in manifest["shards"])
     assert set(manifest["tasks"]) <= set(TASKS) and "depth_zbuffer" in manifest["tasks"]
-    assert sh.verify_shards(str(out)) == []
+    assert verify_shards(str(out), read_manifest(str(out))["shards"]) == []
     seen = {}
     for shard in manifest["shards"]:
         members = _tar_members(out / shard["name"])
@@ -141,7 +143,7 @@ def test_kill_and_rerun(synth_tree, tmp_path: Path) -> None:
     manifest = sh.convert(_settings("taskonomy", source, samples_per_shard=1), str(out))
     clean = sh.convert(_settings("taskonomy", source, samples_per_shard=1), str(tmp_path / "clean"))
     assert manifest["shards"] == clean["shards"], "a resumed run must equal an uninterrupted one"
-    assert sh.verify_shards(str(out)) == []
+    assert verify_shards(str(out), read_manifest(str(out))["shards"]) == []
     tars = [p for p in store.list() if p.endswith(".tar")]
     assert tars == sorted(s["name"] for s in manifest["shards"])
     keys = [k for s in manifest["shards"] for k in [s["first_key"]]]
@@ -162,7 +164,7 @@ def test_rerun_after_completion_skips_every_group(synth_tree, tmp_path: Path) ->
 
 def test_corrupt_and_missing_files_are_reported(synth_tree, tmp_path: Path) -> None:
     source = _copy_tree(synth_tree("taskonomy", scenes=2, views=3), tmp_path / "src")
-    building = get_format("taskonomy").reader(str(source)).groups()[0]
+    building = get_dataset("taskonomy").load_reader()(str(source)).groups()[0]
     depth = _taskonomy_file(source, "depth_zbuffer", building, 0, 0)
     depth.write_bytes(depth.read_bytes()[:-30])  # truncated PNG
     _taskonomy_file(source, "normal", building, 1, 0).unlink()  # a missing domain
@@ -282,7 +284,7 @@ def test_ray_conversion_to_s3_matches_local(synth_tree, s3_server, ray_head, tmp
     local = sh.convert(_settings("taskonomy", source, samples_per_shard=2), str(tmp_path / "local"))
     assert manifest["shards"] == local["shards"]  # same bytes, same names, through Ray and S3
     assert read_manifest(url)["num_samples"] == local["num_samples"]
-    assert sh.verify_shards(url) == []
+    assert verify_shards(url, read_manifest(url)["shards"]) == []
     # A rerun finds every group finished and leaves the shards alone.
     assert sh.prepare(_settings("taskonomy", source, samples_per_shard=2), url)[1] == []
 

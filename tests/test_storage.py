@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from mult.data import s3 as s3mod
 from mult.data import storage as st
-from tests.conftest import MotoServer
+from mult.launch.local import MotoServer
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -27,7 +28,7 @@ def test_open_storage_dispatch(tmp_path: Path) -> None:
     assert isinstance(st.open_storage(tmp_path), st.LocalStorage)
     assert isinstance(st.open_storage(f"file://{tmp_path}"), st.LocalStorage)
     s3 = st.open_storage("s3://bucket/a/b/")
-    assert isinstance(s3, st.S3Storage) and s3.bucket == "bucket" and s3.prefix == "a/b"
+    assert isinstance(s3, s3mod.S3Storage) and s3.bucket == "bucket" and s3.prefix == "a/b"
     assert s3.url("x.tar") == "s3://bucket/a/b/x.tar"
     with pytest.raises(ValueError, match="no bucket"):
         st.open_storage("s3:///x")
@@ -74,7 +75,7 @@ def test_local_writes_leave_no_temporaries(tmp_path: Path) -> None:
 
 def test_multipart_upload(s3_server: MotoServer, tmp_path: Path) -> None:
     bucket = s3_server.make_bucket("multipart")
-    store = st.S3Storage(bucket[5:], "mp", multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)
+    store = s3mod.S3Storage(bucket[5:], "mp", multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)
     data = os.urandom(11 * 2**20)
     (tmp_path / "big.bin").write_bytes(data)
     store.upload_file(tmp_path / "big.bin", "big.bin")
@@ -89,18 +90,18 @@ def test_webdataset_opener(s3_server: MotoServer) -> None:
     s3_server.make_bucket("wds")
     store = st.open_storage("s3://wds/p")
     store.write_bytes("obj.bin", b"hello shard")
-    st.register_webdataset_s3()
+    s3mod.register_webdataset_s3()
     with webdataset.gopen("s3://wds/p/obj.bin") as fh:
         assert fh.read() == b"hello shard"
 
 
 def test_retry_mode_config(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert st.s3_client()._client_config.retries["mode"] == "standard"
-    assert st.s3_client("adaptive")._client_config.retries["mode"] == "adaptive"
+    assert s3mod.s3_client()._client_config.retries["mode"] == "standard"
+    assert s3mod.s3_client("adaptive")._client_config.retries["mode"] == "adaptive"
     monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
-    assert st.S3Storage("b").client._client_config.retries["mode"] == "adaptive"
+    assert s3mod.S3Storage("b").client._client_config.retries["mode"] == "adaptive"
     with pytest.raises(ValueError, match="valid modes: standard, adaptive"):
-        st.s3_client("fast")
+        s3mod.s3_client("fast")
 
 
 def test_credentials_never_logged(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch,
@@ -137,7 +138,7 @@ def test_read_survives_server_restart(tmp_path: Path) -> None:
         with server.environment():
             # Larger than the socket buffers, so most of it is still on the server at the restart.
             data = _big_object(server, 48 * 2**20)
-            raw = st.ResumableS3Stream(st.s3_client(), "restart", "big.bin", backoff_s=0.2)
+            raw = s3mod.ResumableS3Stream(s3mod.s3_client(), "restart", "big.bin", backoff_s=0.2)
             fh = io.BufferedReader(raw, buffer_size=1 << 16)
             head = fh.read(2**20)
             server.restart()
@@ -155,7 +156,7 @@ def test_read_fails_loudly_when_server_stays_down(tmp_path: Path) -> None:
     try:
         with server.environment():
             _big_object(server, 48 * 2**20)
-            raw = st.ResumableS3Stream(st.s3_client(max_attempts=1), "restart", "big.bin",
+            raw = s3mod.ResumableS3Stream(s3mod.s3_client(max_attempts=1), "restart", "big.bin",
                                        max_resumes=2, backoff_s=0.05)
             raw.read(2**20)
             server.stop()

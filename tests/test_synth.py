@@ -15,16 +15,13 @@ import numpy as np
 import pytest
 
 from mult.data.png import decode_png, read_png
-from mult.data.synth.scene import STYLES, Camera, look_at, make_scene, render, sample_camera
-from mult.data.synth.taskonomy import (
-    encode_depth,
-    encode_normal,
-    encode_view,
-    write_replica,
-    write_taskonomy,
-)
+from mult.data.datasets import DATASET_NAMES, DATASETS, get_dataset
+from mult.data.synth.camera import Camera
+from mult.data.synth.render import render
+from mult.data.synth.scene import look_at, make_scene, sample_camera
+from mult.data.synth.taskonomy import encode_depth, encode_normal, encode_view
 from mult.data.taskonomy import read_split_csv
-from mult.tasks import NUM_SEMANTIC_CLASSES
+from mult.encodings import NUM_SEMANTIC_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +64,7 @@ def _angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _view(style: str, seed: int, width: int = 48, height: int = 40):
     rng = np.random.default_rng(seed)
-    scene = make_scene(rng, style)
+    scene = make_scene(rng, DATASETS[style].style)
     camera = sample_camera(scene, rng, fov_rad=1.0, width=width, height=height)
     return scene, camera, render(scene, camera)
 
@@ -75,7 +72,7 @@ def _view(style: str, seed: int, width: int = 48, height: int = 40):
 # ------------------------------------------------------------------------------------------------
 # The renderer.
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", DATASET_NAMES)
 def test_render_domains_agree(style: str) -> None:
     _, camera, r = _view(style, seed=3)
     h, w = 40, 48  # non-square catches width/height mix-ups
@@ -97,7 +94,7 @@ def test_render_domains_agree(style: str) -> None:
     assert r.edges.min() >= 0 and r.keypoints.min() >= 0
 
 
-@pytest.mark.parametrize("style, seed", [(s, k) for s in STYLES for k in (0, 1)])
+@pytest.mark.parametrize("style, seed", [(s, k) for s in DATASET_NAMES for k in (0, 1)])
 def test_normals_agree_with_depth(style: str, seed: int) -> None:
     _, camera, r = _view(style, seed, width=96, height=80)
     n_depth, ok = normals_from_depth(r.depth, camera.fov)
@@ -119,7 +116,7 @@ def test_normals_agree_with_depth_after_encoding() -> None:
 
 
 def test_known_geometry_wall_straight_ahead() -> None:
-    scene = make_scene(np.random.default_rng(0), "taskonomy")
+    scene = make_scene(np.random.default_rng(0), DATASETS["taskonomy"].style)
     scene.kind, scene.center = scene.kind[:6], scene.center[:6]  # the bare room
     scene.windows = []
     _, ly, lz = (float(x) for x in scene.size)
@@ -136,7 +133,7 @@ def test_known_geometry_wall_straight_ahead() -> None:
 
 
 def test_window_gives_holes_in_every_domain() -> None:
-    scene = make_scene(np.random.default_rng(0), "taskonomy")
+    scene = make_scene(np.random.default_rng(0), DATASETS["taskonomy"].style)
     scene.kind, scene.center = scene.kind[:6], scene.center[:6]
     lx, ly, lz = (float(x) for x in scene.size)
     scene.windows = [(2, 0.1, ly - 0.1, 0.1, lz - 0.1)]  # wall x = 0 almost all open
@@ -197,9 +194,9 @@ def test_render_is_deterministic() -> None:
 
 def test_scene_and_camera_bad_input() -> None:
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="valid styles"):
-        make_scene(rng, "scannet")
-    scene = make_scene(rng)
+    with pytest.raises(ValueError, match="valid datasets: taskonomy"):
+        get_dataset("scannet")
+    scene = make_scene(rng, DATASETS["taskonomy"].style)
     with pytest.raises(ValueError, match="fov_rad"):
         sample_camera(scene, rng, fov_rad=3.2, width=8, height=8)
     with pytest.raises(ValueError, match="at least 2x2"):
@@ -225,7 +222,7 @@ def _digest(root: Path) -> dict[str, str]:
 
 
 def test_write_taskonomy_files_and_encodings(tmp_path: Path) -> None:
-    summary = write_taskonomy(tmp_path, scenes=3, views=4, size=24, seed=0, layout="plain", workers=1)
+    summary = DATASETS["taskonomy"].generate(tmp_path, scenes=3, views=4, size=24, seed=0, layout="plain", workers=1)
     assert summary["views"] == 12 and len(summary["groups"]) == 3
     building = summary["groups"][0]
     base = tmp_path / "{}" / building
@@ -255,9 +252,9 @@ def test_write_taskonomy_files_and_encodings(tmp_path: Path) -> None:
 
 
 def test_write_is_deterministic_and_seed_dependent(tmp_path: Path) -> None:
-    write_replica(tmp_path / "a", scenes=2, views=2, size=16, seed=3, workers=1)
-    write_replica(tmp_path / "b", scenes=2, views=2, size=16, seed=3, workers=2)  # parallel: same bytes
-    write_replica(tmp_path / "c", scenes=2, views=2, size=16, seed=4, workers=1)
+    DATASETS["replica"].generate(tmp_path / "a", scenes=2, views=2, size=16, seed=3, workers=1)
+    DATASETS["replica"].generate(tmp_path / "b", scenes=2, views=2, size=16, seed=3, workers=2)  # parallel: same bytes
+    DATASETS["replica"].generate(tmp_path / "c", scenes=2, views=2, size=16, seed=4, workers=1)
     a, b, c = (_digest(tmp_path / x) for x in "abc")
     assert a == b
     assert a != c
@@ -266,13 +263,13 @@ def test_write_is_deterministic_and_seed_dependent(tmp_path: Path) -> None:
 
 def test_writer_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="scenes"):
-        write_taskonomy(tmp_path, scenes=0, views=1, size=16, seed=0)
+        DATASETS["taskonomy"].generate(tmp_path, scenes=0, views=1, size=16, seed=0)
     with pytest.raises(ValueError, match="size"):
-        write_taskonomy(tmp_path, scenes=1, views=1, size=4, seed=0)
+        DATASETS["taskonomy"].generate(tmp_path, scenes=1, views=1, size=4, seed=0)
     with pytest.raises(ValueError, match="valid layouts"):
-        write_taskonomy(tmp_path, scenes=1, views=1, size=16, seed=0, layout="flat")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="valid styles"):
-        write_replica(tmp_path, scenes=1, views=1, size=16, seed=0, style="mp3d")
+        DATASETS["taskonomy"].generate(tmp_path, scenes=1, views=1, size=16, seed=0, layout="flat")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"takes no option\(s\) \['layout'\]"):
+        DATASETS["replica"].generate(tmp_path, scenes=1, views=1, size=16, seed=0, layout="plain")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,14 +295,16 @@ def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
         main(["--format", "scannet", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         main(["--format", "taskonomy", "--out", str(tmp_path), "--views", "0"])
-    with pytest.raises(SystemExit, match="applies to --format taskonomy only"):
+    with pytest.raises(SystemExit, match=r"replica: the generator takes no option\(s\) \['layout'\]"):
         main(["--format", "replica", "--out", str(tmp_path), "--layout", "plain"])
+    with pytest.raises(SystemExit, match=r"nyu: the generator takes no option\(s\) \['workers'\]"):
+        main(["--format", "nyu", "--out", str(tmp_path), "--workers", "2"])
 
 
 @pytest.mark.parametrize("fmt", ["nyu", "cocodoom"])
 def test_cli_dispatches_transfer_formats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
     # The NYU and CocoDoom writers belong to another module; a stand-in records the call so this
-    # test checks only the dispatch and the arguments passed.
+    # test checks only the dispatch through the dataset table and the arguments passed.
     calls = []
     fake = types.ModuleType(f"mult.data.synth.{fmt}")
     setattr(fake, f"write_{fmt}", lambda out, **kw: calls.append((out, kw)) or {"views": 1})
@@ -313,7 +312,7 @@ def test_cli_dispatches_transfer_formats(tmp_path: Path, monkeypatch: pytest.Mon
     from pipelines.synth import main
 
     main(["--format", fmt, "--out", str(tmp_path), "--scenes", "2", "--views", "3", "--size", "32", "--seed", "7"])
-    assert calls == [(tmp_path, {"scenes": 2, "views": 3, "size": 32, "seed": 7})]
+    assert calls == [(tmp_path, {"scenes": 2, "views": 3, "size": 32, "seed": 7, "style": DATASETS[fmt].style})]
 
 
 def test_cli_smoke_test(tmp_path: Path) -> None:

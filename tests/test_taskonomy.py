@@ -16,10 +16,10 @@ from mult.data.taskonomy import (
     TaskonomyReader,
     find_split_file,
     read_split_csv,
-    replica_to_raw,
     taskonomy_to_raw,
 )
-from mult.data.views import MissingDomainError, get_format
+from mult.data.datasets import DATASETS, get_dataset
+from mult.data.views import MissingDomainError
 from mult.tasks import TASKS
 
 H, W = 4, 6
@@ -105,16 +105,10 @@ def test_to_raw_decodes_exact_values() -> None:
     assert raw["rgb"].shape == (H, W, 3) and "point_info" not in raw
 
 
-def test_replica_to_raw_is_the_same_decoding() -> None:
-    files = _fixture_files()
-    a, b = taskonomy_to_raw(files, "k"), replica_to_raw(files, "k")
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-
-
-def test_get_format_finds_both() -> None:
-    assert get_format("taskonomy").reader is TaskonomyReader
-    assert get_format("replica").reader is ReplicaReader
-    assert get_format("replica").to_raw is replica_to_raw
+def test_dataset_table_finds_both_with_one_decoding() -> None:
+    assert get_dataset("taskonomy").load_reader() is TaskonomyReader
+    assert get_dataset("replica").load_reader() is ReplicaReader
+    assert get_dataset("replica").load_to_raw() is taskonomy_to_raw is get_dataset("taskonomy").load_to_raw()
 
 
 def test_reshading_rgb_and_gray_rgb_members() -> None:
@@ -332,9 +326,7 @@ def test_find_split_file_ambiguity(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["plain", "omnidata"])
 def test_reader_on_generated_taskonomy(tmp_path: Path, layout: str) -> None:
-    from mult.data.synth.taskonomy import write_taskonomy
-
-    summary = write_taskonomy(tmp_path, scenes=3, views=3, size=32, seed=5, layout=layout, workers=1)
+    summary = DATASETS["taskonomy"].generate(tmp_path, scenes=3, views=3, size=32, seed=5, layout=layout, workers=1)
     reader = TaskonomyReader(tmp_path)
     assert reader.layout == layout and reader.groups() == sorted(summary["groups"])
     per_split = {s: TaskonomyReader(tmp_path, split=s).groups() for s in ("train", "val", "test")}
@@ -354,12 +346,10 @@ def test_reader_on_generated_taskonomy(tmp_path: Path, layout: str) -> None:
 
 
 def test_reader_on_generated_replica(tmp_path: Path) -> None:
-    from mult.data.synth.taskonomy import write_replica
-
-    write_replica(tmp_path, scenes=2, views=2, size=32, seed=1, workers=1)
-    reader = get_format("replica").reader(tmp_path)
+    DATASETS["replica"].generate(tmp_path, scenes=2, views=2, size=32, seed=1, workers=1)
+    reader = get_dataset("replica").load_reader()(tmp_path)
     assert reader.groups() == ["apartment_0", "frl_apartment_0"]
     views = [v for g in reader.groups() for v in reader.views(g)]
     assert len(views) == 4 and all(v.missing == [] for v in views)
-    raw = replica_to_raw(_members(views[0]), views[0].key)
+    raw = taskonomy_to_raw(_members(views[0]), views[0].key)
     assert raw["depth_zbuffer"].dtype == np.uint16 and raw["rgb"].shape == (32, 32, 3)

@@ -25,7 +25,7 @@ PYTHON = sys.executable
 
 # A model small enough for a Ray Train step in well under a second per worker.
 TINY = [
-    "tasks=[normal,depth_zbuffer,segment_semantic]", "model.img_size=32", "data.image_size=32",
+    "tasks=[normal,depth_zbuffer,segment_semantic]", "model.img_size=32",
     "model.embed_dim=12", "model.num_heads=[1,1,1,1]", "data.num_workers=1",
     "train.global_batch_size=4", "train.micro_batch_size=2", "optim.lr=0.003", "optim.warmup_steps=2",
     "train.log_every=1", "train.precision=fp32",
@@ -36,7 +36,7 @@ TINY = [
 # Telemetry (no Ray).
 # ---------------------------------------------------------------------------------------------
 def _snapshot(step: int, bad: int = 0):
-    from mult.telemetry import TrainSnapshot
+    from mult.training.telemetry import TrainSnapshot
 
     return TrainSnapshot(step=step, samples_per_second=12.5, step_seconds=0.4, data_wait_seconds=0.01,
                          losses={"total": 2.0 / step, "normal": 0.5}, bad_samples_total=bad)
@@ -58,7 +58,7 @@ def _value(families: dict, name: str, sample: str | None = None, **labels: str) 
 
 
 def test_prometheus_exporter_serves_parsable_metrics(tmp_path: Path) -> None:
-    from mult.telemetry import PrometheusExporter, read_address_file
+    from mult.training.telemetry import PrometheusExporter, read_address_file
 
     exporter = PrometheusExporter("127.0.0.1", 0, address_file=tmp_path / "prometheus_address.json")
     try:
@@ -84,7 +84,7 @@ def test_pushgateway_receives_the_metrics(tmp_path: Path) -> None:
     """A stand-in Pushgateway on 127.0.0.1 (no Pushgateway binary here) records what is pushed."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from mult.telemetry import PrometheusExporter
+    from mult.training.telemetry import PrometheusExporter
 
     received: list[tuple[str, str, str]] = []
 
@@ -119,9 +119,8 @@ def test_pushgateway_receives_the_metrics(tmp_path: Path) -> None:
 
 
 def test_unreachable_pushgateway_does_not_stop_training(caplog: pytest.LogCaptureFixture) -> None:
-    from conftest import free_port
-
-    from mult.telemetry import PrometheusExporter
+    from mult.launch.local import free_port
+    from mult.training.telemetry import PrometheusExporter
 
     exporter = PrometheusExporter(port=None, pushgateway=f"127.0.0.1:{free_port()}")
     exporter.update(_snapshot(1))
@@ -131,7 +130,7 @@ def test_unreachable_pushgateway_does_not_stop_training(caplog: pytest.LogCaptur
 def test_tensorboard_and_loss_curve(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mult.telemetry import TensorBoardLogger, plot_loss_curve
+    from mult.training.telemetry import TensorBoardLogger, plot_loss_curve
 
     tb = TensorBoardLogger(tmp_path / "tb")
     for step in (1, 2, 3):
@@ -169,15 +168,17 @@ def test_bad_input_fails_before_ray(
     """In-process ``main``: Ray must never be initialised (so no worker can start)."""
     import ray
 
+    from mult.launch import trainer
+    from mult.launch.local import free_port
     from pipelines import train
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a bad config")
 
     monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.setattr(train, "build_trainer", no_ray)
+    monkeypatch.setattr(trainer, "build_trainer", no_ray)
+    monkeypatch.setattr(trainer, "fit", no_ray)
     # an endpoint where nothing listens: the bucket check must fail fast and clearly
-    from conftest import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -198,7 +199,7 @@ def test_bad_input_cli_message(tmp_path: Path) -> None:
 
 def test_run_names_fresh_and_resume(tmp_path: Path) -> None:
     from mult.config import load_config
-    from pipelines.train import PreflightError, choose_run_name
+    from mult.training.plan import PreflightError, choose_run_name
 
     cfg = load_config("configs/cpu-small.yaml", ["train.run_name=exp"])
     a, b = choose_run_name(cfg, str(tmp_path), False), choose_run_name(cfg, str(tmp_path), False)
@@ -222,7 +223,7 @@ def test_run_names_fresh_and_resume(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def s3_shards(s3_server) -> tuple[str, str]:
     """Generated Taskonomy-format shards (the project's generator + shard writer) in S3."""
-    from mult.smoke import make_smoke_dataset
+    from mult.data.smoke import make_smoke_dataset
 
     bucket = s3_server.make_bucket("mult-train-test")
     return make_smoke_dataset(f"{bucket}/data", size=32, seed=3)
@@ -279,7 +280,7 @@ def _checkpoint_names(run_url: str) -> list[str]:
 @pytest.mark.slow
 def test_two_worker_run_learns_checkpoints_and_exports_metrics(tmp_path, s3_shards, ray_head) -> None:
     """One run checks: loss falls, checkpoints (top-k) reload, metrics scraped over HTTP mid-run."""
-    from mult.checkpoint import load_model
+    from mult.training.checkpoint import load_model
 
     name = "e2e-plain"
     proc, log_path = _start_run(tmp_path, name, s3_shards, [
@@ -348,7 +349,7 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, s3_shards, ray_hea
     assert (run_dir / "fault_fired").read_text() == "11"  # it did fire (at the start of step 11)
     assert "resumed from step" in text
     run_url = f"s3://mult-train-test/runs/{run_dir.name}"
-    from mult.checkpoint import load_checkpoint, resolve_local
+    from mult.training.checkpoint import load_checkpoint, resolve_local
 
     latest = resolve_local(run_url, tmp_path / "latest", prefer="latest")
     meta = json.loads((latest / "meta.json").read_text())

@@ -22,7 +22,7 @@ PYTHON = sys.executable
 CONFIG = str(REPO / "configs/cpu-small.yaml")
 # A model small enough that a trial is mostly Ray Train start-up.
 TINY = [
-    "tasks=[normal,depth_zbuffer,segment_semantic]", "model.img_size=32", "data.image_size=32",
+    "tasks=[normal,depth_zbuffer,segment_semantic]", "model.img_size=32",
     "model.embed_dim=12", "model.num_heads=[1,1,1,1]", "data.num_workers=1",
     "train.global_batch_size=4", "train.micro_batch_size=2", "optim.lr=3.0e-3", "optim.warmup_steps=2",
     "train.precision=fp32", "tune.search=optuna", "tune.fixed_task=normal", "tune.weight_range=[0.05,20]",
@@ -123,8 +123,8 @@ def test_smoke_search_finishes_and_asha_stops_a_trial(search: dict) -> None:
 @pytest.mark.slow
 def test_best_yaml_loads_into_the_training_stage(search: dict) -> None:
     from mult.config import load_config
-    from mult.search import FALLBACK, best_record, read_records
-    from pipelines.train import prepare
+    from mult.experiments.search import FALLBACK, best_record, read_records
+    from mult.training.plan import prepare
 
     objective, records = read_records(search["exp"] / "trials.json")
     best = best_record(records, objective)
@@ -154,9 +154,8 @@ def test_bad_search_space_exits_with_a_clear_message(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_baselines_command_writes_what_load_baselines_reads(tmp_path: Path, ray_head) -> None:
     from mult.config import load_config
-    from mult.metrics import load_baselines
-    from pipelines.train import PreflightError
-    from pipelines.tune import experiment_root, find_baselines
+    from mult.experiments.search import experiment_root, find_baselines
+    from mult.training.plan import PreflightError, load_baselines
 
     base = [PYTHON, "-m", "pipelines.baselines", "--config", CONFIG, *TINY, f"train.storage_path={tmp_path}",
             "train.run_name=basetest", "--tasks", "normal", "--smoke-test"]

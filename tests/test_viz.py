@@ -1,4 +1,4 @@
-"""Drawings and prediction grids (mult.viz)."""
+"""Drawings and prediction grids (mult.experiments.viz)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mult.tasks import NUM_SEMANTIC_CLASSES, TASKS
-from mult.viz import (
+from mult.encodings import NUM_SEMANTIC_CLASSES
+from mult.tasks import TASKS
+from mult.experiments.viz import (
     INVALID_COLOUR,
     SEPARATOR,
     GridSample,

@@ -41,7 +41,6 @@ from mult.data.views import Member, View
 log = logging.getLogger(__name__)
 
 DOMAINS = ("rgb", "depth", "objects")
-WIDTH, HEIGHT = 320, 200
 DEPTH_UNITS_PER_MAP_UNIT = 64
 MAP_UNITS_PER_METRE = 32  # DoomWiki's rough convention; see the module docstring
 DEPTH_SKY = 65535
@@ -50,7 +49,6 @@ DOOM_RAW_PER_TASKONOMY_RAW = DEPTH_UNITS_PER_MAP_UNIT * MAP_UNITS_PER_METRE // 5
 ID_SKY = 2**23
 ID_FLOOR_CEILING = 2**23 + 1
 ID_WALL = 2**23 + 2
-FIRST_SPECIAL_ID = 2**23
 
 SPLIT_NAMES: tuple[str, ...] = tuple(
     f"{by}{full}-{part}"
@@ -251,6 +249,3 @@ def _decode(members: dict[str, bytes], key: str, domain: str, dtype: type, ndim:
             f"{name}: expected {np.dtype(dtype).name} with {ndim} axes, got {array.dtype} {array.shape}"
         )
     return array
-
-
-to_raw = cocodoom_to_raw

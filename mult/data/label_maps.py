@@ -2,7 +2,7 @@
 
 NYUv2 labels come as 894 fine classes (the labeled ``.mat``), which Gupta et al. (CVPR 2013)
 grouped into 40 (``classMapping40.mat``: ``mapClass`` 1x894, ``className`` 1x40). The model
-predicts Taskonomy's ``segment_semantic`` classes (:data:`mult.tasks.SEMANTIC_CLASSES`): 0
+predicts Taskonomy's ``segment_semantic`` classes (:data:`mult.encodings.SEMANTIC_CLASSES`): 0
 uncertain (ignored), 1 background, 2-17 sixteen COCO object classes.
 
 :data:`NYU40_TO_TASKONOMY` is the one table that aligns the two. Taskonomy's labels were made
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mult.tasks import SEMANTIC_CLASSES
+from mult.encodings import SEMANTIC_CLASSES
 
 
 NUM_NYU40 = 40

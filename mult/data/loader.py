@@ -25,28 +25,24 @@ decoding (cheap); if the skipped range held bad samples, later batches shift by 
 skipped since that worker's previous batch; a truncated shard counts the samples the manifest
 promised and the tar did not hold); with ``"fail"`` a :class:`BadSampleError` names the shard and
 the key. A dropped connection is not a bad sample: the S3 stream resumes it
-(:class:`mult.data.storage.ResumableS3Stream`) or raises; an epoch never silently shortens.
+(:class:`mult.data.s3.ResumableS3Stream`) or raises; an epoch never silently shortens.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 
-from mult.data.shards import (ENCODING_ORIGINAL, ENCODING_TASKONOMY, FORMAT_VERSION, MANIFEST_NAME,
-                              PICKLE_EXTS)
+from mult.config import Config
+from mult.data.samples import collate, decode_members, read_manifest, split_members
 from mult.data.storage import StorageError, open_storage
-from mult.data.transforms import hflip_target, normalize_rgb, resize_nearest, resize_rgb, resize_target
-from mult.data.views import get_format
-from mult.tasks import INPUT_DOMAIN, MASK_DOMAIN, TASKS, get_task
+from mult.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -56,143 +52,6 @@ POLICIES = ("skip", "fail")
 
 class BadSampleError(RuntimeError):
     """A sample or shard could not be read under ``bad_sample_policy="fail"``; names both."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Manifest.
-# ---------------------------------------------------------------------------------------------
-def read_manifest(url: str) -> dict[str, Any]:
-    """Load and check ``{url}/manifest.json`` (local directory or ``s3://bucket/prefix``)."""
-    storage = open_storage(url)
-    try:
-        manifest = json.loads(storage.read_bytes(MANIFEST_NAME))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {MANIFEST_NAME} at {storage.url()}; write shards there with "
-                                "`python -m pipelines.shard`") from None
-    for key in ("format_version", "format", "encoding", "shards", "tasks", "num_samples"):
-        if key not in manifest:
-            raise ValueError(f"{storage.url(MANIFEST_NAME)} lacks {key!r}; not a shard manifest")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{storage.url(MANIFEST_NAME)} has format_version {manifest['format_version']}; "
-                         f"this code reads up to {FORMAT_VERSION}")
-    if manifest["encoding"] not in (ENCODING_ORIGINAL, ENCODING_TASKONOMY):
-        raise ValueError(f"unknown shard encoding {manifest['encoding']!r}")
-    return manifest
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding one sample (no webdataset needed).
-# ---------------------------------------------------------------------------------------------
-def split_members(sample: dict[str, Any]) -> dict[str, bytes]:
-    """webdataset sample (``{"rgb.png": bytes, "__key__": ...}``) -> ``{domain: bytes}``.
-
-    Raises ValueError for pickle members, which are never unpickled.
-    """
-    members = {}
-    for suffix, data in sample.items():
-        if suffix.startswith("__"):
-            continue
-        domain, _, ext = suffix.partition(".")
-        if ext.rsplit(".", 1)[-1] in PICKLE_EXTS or domain in PICKLE_EXTS:
-            raise ValueError(f"member {suffix!r} is a pickle; pickle members are refused")
-        members[domain] = data
-    return members
-
-
-def raw_decoder(manifest: dict[str, Any]):
-    """The ``to_raw`` that reads this manifest's shards."""
-    name = "taskonomy" if manifest["encoding"] == ENCODING_TASKONOMY else manifest["format"]
-    return get_format(name).to_raw
-
-
-def decode_members(members: dict[str, bytes], key: str, manifest: dict[str, Any], tasks: Sequence[str],
-                   image_size: int | None = None, flip: bool = False) -> dict[str, Any]:
-    """Members of one view -> numpy ``rgb`` ``float32 [3, S, S]`` (ImageNet-normalised),
-    ``targets`` ``{task: float32 [C, S, S] | int64 [S, S]}``, ``valid`` ``{task: bool [S, S]}``.
-
-    ``S`` is ``image_size`` (``None``: the stored size). Only ``tasks`` the manifest has are
-    decoded; one this view lacks gets a zero target with an all-False mask.
-    """
-    raw = raw_decoder(manifest)(members, key)
-    rgb = raw[INPUT_DOMAIN]
-    size = image_size or rgb.shape[0]
-    if image_size is None and rgb.shape[0] != rgb.shape[1]:
-        size = None  # keep non-square stored images as they are
-    mask = raw.get(MASK_DOMAIN)
-    small_mask = resize_nearest(mask, size) if mask is not None and size is not None else None
-    targets, valid = {}, {}
-    for task in tasks:
-        spec = TASKS[task]
-        if task in raw and size is not None and spec.resize == "nearest":
-            # Nearest sampling commutes with the per-pixel target functions, so sample the raw
-            # map first and convert only the pixels kept (exactly the same result, less work).
-            target, ok = spec.to_target(resize_nearest(raw[task], size))
-            if small_mask is not None:
-                ok = ok & small_mask
-        elif task in raw:
-            target, ok = spec.to_target(raw[task])
-            if mask is not None:
-                ok = ok & mask
-            if size is not None:
-                target, ok = resize_target(target, ok, size, spec.resize)
-        else:
-            h, w = (size, size) if size is not None else rgb.shape[:2]
-            target = (np.zeros((h, w), np.int64) if spec.kind == "classification"
-                      else np.zeros((spec.channels, h, w), np.float32))
-            ok = np.zeros((h, w), bool)
-        if flip:
-            target, ok = hflip_target(target, task), ok[:, ::-1].copy()
-        targets[task], valid[task] = np.ascontiguousarray(target), ok
-    if size is not None:
-        rgb = resize_rgb(rgb, size)
-    if flip:
-        rgb = rgb[:, ::-1]
-    return {"key": key, "rgb": normalize_rgb(rgb), "targets": targets, "valid": valid}
-
-
-def load_members(url: str, key: str, manifest: dict[str, Any] | None = None) -> dict[str, bytes]:
-    """Find sample ``key`` in the shards at ``url`` and return its members (``{domain: bytes}``).
-
-    Shards whose group the key starts with are searched first; raises KeyError if absent.
-    """
-    import tarfile
-
-    storage = open_storage(url)
-    manifest = manifest or read_manifest(url)
-    shards = sorted(manifest["shards"], key=lambda s: not key.startswith(str(s.get("group", "")).replace(".", "_")))
-    for shard in shards:
-        members: dict[str, bytes] = {}
-        with storage.open_read(shard["name"]) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-            for info in tar:
-                sample_key, _, suffix = info.name.partition(".")
-                if sample_key == key and info.isreg():
-                    members[suffix] = tar.extractfile(info).read()
-                elif members:
-                    break
-        if members:
-            return split_members(members)
-    raise KeyError(f"sample {key!r} is in none of the {len(shards)} shard(s) at {storage.url()}")
-
-
-def decode_sample(url: str, key: str, *, tasks: Sequence[str] | None = None,
-                  image_size: int | None = None) -> dict[str, Any]:
-    """Read and decode one sample without webdataset (see :func:`decode_members`)."""
-    manifest = read_manifest(url)
-    members = load_members(url, key, manifest)
-    tasks = [t for t in (tasks or manifest["tasks"]) if t in manifest["tasks"]]
-    return decode_members(members, key, manifest, tasks, image_size)
-
-
-def collate(samples: Sequence[dict[str, Any]], bad_samples: int = 0) -> dict[str, Any]:
-    """Samples from :func:`decode_members` -> a batch of tensors (``[B, ...]``)."""
-    tasks = samples[0]["targets"].keys()
-    return {
-        "key": [s["key"] for s in samples],
-        "rgb": torch.from_numpy(np.stack([s["rgb"] for s in samples])),
-        "targets": {t: torch.from_numpy(np.stack([s["targets"][t] for s in samples])) for t in tasks},
-        "valid": {t: torch.from_numpy(np.stack([s["valid"][t] for s in samples])) for t in tasks},
-        "bad_samples": bad_samples,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +127,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         p = self.plan
         if p.base_url.startswith("s3://"):
-            from mult.data.storage import register_webdataset_s3
+            from mult.data.s3 import register_webdataset_s3
 
             register_webdataset_s3()
         worker = self._logical_worker()
@@ -460,7 +319,8 @@ def make_loader(url: str, *, tasks: Sequence[str], image_size: int, batch_size: 
     Each batch: ``"key"`` ``list[str]``, ``"rgb"`` ``float32 [B, 3, S, S]``, ``"targets"``
     ``{task: float32 [B, C, S, S] | int64 [B, S, S]}``, ``"valid"`` ``{task: bool [B, S, S]}``
     for the requested tasks the shards have, and ``"bad_samples"`` ``int``.
-    ``steps_per_epoch`` (train) defaults to ``num_samples // (batch_size * world_size)``.
+    ``steps_per_epoch`` (train: required) is the epoch's length in batches per rank;
+    :func:`build_loader` derives it from a config.
     """
     if mode not in MODES:
         raise ValueError(f"unknown loader mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -486,9 +346,9 @@ def make_loader(url: str, *, tasks: Sequence[str], image_size: int, batch_size: 
         total = manifest["num_samples"]
         if total < world_size * workers:
             raise ValueError(f"{total} sample(s) cannot feed {world_size} rank(s) x {workers} worker(s)")
-        steps = steps_per_epoch if steps_per_epoch is not None else max(total // (batch_size * world_size), 1)
-        if steps < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {steps}")
+        if steps_per_epoch is None or steps_per_epoch < 1:
+            raise ValueError(f"train mode needs steps_per_epoch >= 1, got {steps_per_epoch}")
+        steps = steps_per_epoch
         if skip > steps:
             raise ValueError(f"skip ({skip}) is past the end of the epoch ({steps} steps)")
     elif skip:
@@ -509,3 +369,30 @@ def make_loader(url: str, *, tasks: Sequence[str], image_size: int, batch_size: 
         skip=skip, shuffle_buffer=shuffle_buffer, hflip=hflip and mode == "train", policy=bad_sample_policy,
     )
     return ShardLoader(plan, num_workers, multiprocessing_context)
+
+
+def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 skip: int = 0) -> ShardLoader:
+    """The loader a config describes for ``split`` (``"train"``: shuffled, flipped, a fixed
+    number of micro-batches per rank; ``"val"``: one pass over ``data.val``).
+
+    A train epoch is ``data.steps_per_epoch`` optimizer steps (default: the samples in the
+    manifest over ``train.global_batch_size``), each of ``accumulation`` micro-batches of
+    ``train.micro_batch_size`` per rank; ``skip`` micro-batches of it are already done.
+    """
+    t, d = cfg.train, cfg.data
+    common = dict(tasks=cfg.tasks, image_size=cfg.model.img_size, batch_size=t.micro_batch_size, rank=rank,
+                  world_size=world_size, num_workers=d.num_workers, seed=t.seed,
+                  bad_sample_policy=d.bad_sample_policy)
+    if split == "val":
+        if d.val is None:
+            raise ValueError("data.val: no validation shards configured")
+        return make_loader(d.val, mode="eval", **common)
+    if split != "train":
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'val'")
+    if d.train is None:
+        raise ValueError("data.train: no training shards configured")
+    steps = d.steps_per_epoch or max(1, read_manifest(d.train)["num_samples"] // t.global_batch_size)
+    micro = steps * t.accumulation(world_size)
+    return make_loader(d.train, mode="train", steps_per_epoch=micro, epoch=epoch, skip=skip,
+                       shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, **common)

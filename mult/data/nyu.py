@@ -32,7 +32,7 @@ import numpy as np
 from mult.data.label_maps import ClassMap40, load_class_map_40, nyu40_to_taskonomy
 from mult.data.png import CorruptFileError, decode_png, encode_png
 from mult.data.views import Member, View
-from mult.tasks import DEPTH_UNITS_PER_METRE
+from mult.encodings import DEPTH_UNITS_PER_METRE
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,3 @@ def _decode(members: dict[str, bytes], key: str, domain: str, dtype: type, ndim:
             f"{name}: expected {np.dtype(dtype).name} with {ndim} axes, got {array.dtype} {array.shape}"
         )
     return array
-
-
-to_raw = nyu_to_raw

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import zlib
 
 import numpy as np
@@ -43,6 +44,33 @@ def decode_png(data: bytes, name: str = "<bytes>", *, palette: bool = False) -> 
             return _to_array(img, palette)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, zlib.error) as exc:
         raise CorruptFileError(f"{name}: corrupt PNG ({exc})") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+def check_png(data: bytes, name: str = "<bytes>") -> None:
+    """Structural check of a PNG without decoding pixels: signature, every chunk's length and
+    CRC, IHDR first, IEND last. Catches truncation and bit rot at about memory speed.
+    Raises :class:`CorruptFileError` naming ``name``."""
+    if not data.startswith(_PNG_SIGNATURE):
+        raise CorruptFileError(f"{name}: not a PNG file (bad signature)")
+    pos, first, n = len(_PNG_SIGNATURE), True, len(data)
+    view = memoryview(data)
+    while True:
+        if pos + 12 > n:
+            raise CorruptFileError(f"{name}: truncated PNG (no IEND chunk)")
+        length, ctype = struct.unpack(">I4s", view[pos:pos + 8])
+        end = pos + 12 + length
+        if end > n:
+            raise CorruptFileError(f"{name}: truncated PNG (chunk {ctype!r} runs past the end)")
+        crc = struct.unpack(">I", view[end - 4:end])[0]
+        if zlib.crc32(view[pos + 4:end - 4]) != crc:
+            raise CorruptFileError(f"{name}: corrupt PNG (bad CRC in chunk {ctype!r})")
+        if first and ctype != b"IHDR":
+            raise CorruptFileError(f"{name}: corrupt PNG (first chunk is {ctype!r}, not IHDR)")
+        first = False
+        pos = end
+        if ctype == b"IEND":
+            return
 
 
 def _decode_cv2(data: bytes, name: str, bit_depth: int, colour_type: int) -> np.ndarray:

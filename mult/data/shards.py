@@ -14,10 +14,9 @@ the original file bytes (``encoding: "original"``). With ``resize=S`` the views 
 each domain resized its own way (:func:`mult.data.transforms.resize_raw`) to ``S x S`` and
 written as Taskonomy-encoded PNGs (``encoding: "taskonomy"``), whatever the source format.
 
-Tars are byte-deterministic (sorted members, zero mtimes and owners), so a group always
-produces the same shards. A shard is built in a local temporary file, published (an atomic
-rename locally, a multipart upload on S3, which is invisible until complete), read back and
-its sha256 verified; only then is its record written. A rerun skips finished groups and
+Tars are byte-deterministic (:mod:`mult.data.tarfiles`), so a group always produces the same
+shards. A shard is built in a local temporary file, published, read back and its sha256
+verified; only then is its record written. A rerun skips finished groups and
 re-publishes nothing whose record and size already match, so a kill at any point leaves no
 duplicate or half-written shard behind.
 """
@@ -25,15 +24,11 @@ duplicate or half-written shard behind.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import re
-import struct
-import tarfile
 import tempfile
-import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,9 +36,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from mult.data.png import CorruptFileError, encode_png_for_reading
-from mult.data.storage import Storage, iter_chunks, open_storage
-from mult.data.views import View, get_format
+from mult.data.datasets import get_dataset
+from mult.data.png import CorruptFileError, check_png, encode_png_for_reading
+from mult.data.storage import Storage, open_storage
+from mult.data.tarfiles import ShardBuilder, publish_shard
+from mult.data.views import View
 from mult.tasks import INPUT_DOMAIN, MASK_DOMAIN, TASKS
 
 log = logging.getLogger(__name__)
@@ -81,7 +78,7 @@ class ShardSettings:
             raise ValueError(f"resize must be >= 8 pixels (or None to keep the originals), got {self.resize}")
         if self.check not in CHECKS:
             raise ValueError(f"unknown check {self.check!r}; valid checks: {', '.join(CHECKS)}")
-        get_format(self.format)  # raises with the valid names
+        get_dataset(self.format)  # raises with the valid names
 
     @property
     def encoding(self) -> str:
@@ -93,117 +90,6 @@ class ShardSettings:
         d.pop("source")
         d["format_version"] = FORMAT_VERSION
         return d
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks.
-# ---------------------------------------------------------------------------------------------
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def check_png(data: bytes, name: str = "<bytes>") -> None:
-    """Structural check of a PNG without decoding pixels: signature, every chunk's length and
-    CRC, IHDR first, IEND last. Catches truncation and bit rot at about memory speed.
-    Raises :class:`CorruptFileError` naming ``name``."""
-    if not data.startswith(_PNG_SIGNATURE):
-        raise CorruptFileError(f"{name}: not a PNG file (bad signature)")
-    pos, first, n = len(_PNG_SIGNATURE), True, len(data)
-    view = memoryview(data)
-    while True:
-        if pos + 12 > n:
-            raise CorruptFileError(f"{name}: truncated PNG (no IEND chunk)")
-        length, ctype = struct.unpack(">I4s", view[pos:pos + 8])
-        end = pos + 12 + length
-        if end > n:
-            raise CorruptFileError(f"{name}: truncated PNG (chunk {ctype!r} runs past the end)")
-        crc = struct.unpack(">I", view[end - 4:end])[0]
-        if zlib.crc32(view[pos + 4:end - 4]) != crc:
-            raise CorruptFileError(f"{name}: corrupt PNG (bad CRC in chunk {ctype!r})")
-        if first and ctype != b"IHDR":
-            raise CorruptFileError(f"{name}: corrupt PNG (first chunk is {ctype!r}, not IHDR)")
-        first = False
-        pos = end
-        if ctype == b"IEND":
-            return
-
-
-# ---------------------------------------------------------------------------------------------
-# Deterministic tar shards.
-# ---------------------------------------------------------------------------------------------
-class _HashingFile(io.RawIOBase):
-    """A write-only file that hashes and counts what passes through it."""
-
-    def __init__(self, fh: Any):
-        super().__init__()
-        self._fh, self.sha = fh, hashlib.sha256()
-        self.bytes = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.bytes
-
-    def write(self, data: Any) -> int:
-        self.sha.update(data)
-        self.bytes += len(data)
-        return self._fh.write(data)
-
-
-def member_name(key: str, domain: str, ext: str) -> str:
-    if "." in key or "/" in key:
-        raise ValueError(f"sample key {key!r} may not contain '.' or '/'")
-    return f"{key}.{domain}.{ext}"
-
-
-class ShardBuilder:
-    """Writes one tar shard to a local file: ``add(key, {"rgb.png": bytes, ...})`` per sample."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fh = open(path, "wb")
-        self._hasher = _HashingFile(self._fh)
-        self._tar = tarfile.open(fileobj=self._hasher, mode="w", format=tarfile.PAX_FORMAT)
-        self.keys: list[str] = []
-
-    def add(self, key: str, members: dict[str, bytes]) -> None:
-        for suffix in sorted(members):
-            data = members[suffix]
-            domain, _, ext = suffix.partition(".")
-            info = tarfile.TarInfo(member_name(key, domain, ext))
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
-        self.keys.append(key)
-
-    def close(self) -> tuple[int, str]:
-        """Finish the archive; returns ``(bytes, sha256 hex)``."""
-        self._tar.close()
-        self._fh.close()
-        return self._hasher.bytes, self._hasher.sha.hexdigest()
-
-
-def sha256_of(storage: Storage, rel: str) -> tuple[int, str]:
-    """Stream an object and return ``(bytes, sha256 hex)``."""
-    sha, n = hashlib.sha256(), 0
-    with storage.open_read(rel) as fh:
-        for chunk in iter_chunks(fh):
-            sha.update(chunk)
-            n += len(chunk)
-    return n, sha.hexdigest()
-
-
-def publish_shard(storage: Storage, local: Path, name: str, nbytes: int, sha: str) -> None:
-    """Upload ``local`` as ``name`` and verify the published bytes; a mismatch deletes it and raises."""
-    storage.upload_file(local, name)
-    got_bytes, got_sha = sha256_of(storage, name)
-    if (got_bytes, got_sha) != (nbytes, sha):
-        storage.delete(name)
-        raise ConversionError(
-            f"{storage.url(name)}: published shard does not verify (read back {got_bytes} bytes, "
-            f"sha256 {got_sha[:12]}; wrote {nbytes} bytes, sha256 {sha[:12]})"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +172,7 @@ def _resized_members(raw: dict[str, Any], size: int) -> dict[str, bytes]:
     for domain, array in raw.items():
         if domain != INPUT_DOMAIN and domain != MASK_DOMAIN and domain not in TASKS:
             continue
-        small = resize_raw(domain, array, size)
+        small = resize_raw(domain, array, size, raw.get(MASK_DOMAIN))
         if small.dtype == bool:  # mask_valid: written as 0/255 like the originals
             small = small.astype(np.uint8) * 255
         if small.dtype not in (np.uint8, np.uint16):
@@ -302,12 +188,12 @@ def convert_group(settings: ShardSettings, out_url: str, group: str,
 
     ``on_shard`` is called with each shard's record once it is published and verified.
     """
-    fmt = get_format(settings.format)
-    reader = fmt.reader(settings.source, split=settings.split, split_file=settings.split_file)
+    dataset = get_dataset(settings.format)
+    reader = dataset.load_reader()(settings.source, split=settings.split, split_file=settings.split_file)
     storage = open_storage(out_url)
     stem = group_stem(group)
     state = GroupState()
-    probe = _TaskProbe(fmt.to_raw)
+    probe = _TaskProbe(dataset.load_to_raw())
     shards: list[dict[str, Any]] = []
     decode = settings.check == "decode" or settings.resize is not None
     with tempfile.TemporaryDirectory(prefix="mult-shard-", dir=tmp_dir) as tmp:
@@ -403,8 +289,8 @@ def prepare(settings: ShardSettings, out_url: str, overwrite: bool = False) -> t
                                   f"(old, new): {diff}; use a new output or overwrite=True")
         if previous.get("source") != settings.source:
             log.warning("source moved from %s to %s since the last run", previous.get("source"), settings.source)
-    fmt = get_format(settings.format)
-    groups = fmt.reader(settings.source, split=settings.split, split_file=settings.split_file).groups()
+    reader = get_dataset(settings.format).load_reader()
+    groups = reader(settings.source, split=settings.split, split_file=settings.split_file).groups()
     if not groups:
         raise ConversionError(f"no {settings.format} groups found under {settings.source}"
                               + (f" for split {settings.split!r}" if settings.split else ""))
@@ -501,22 +387,6 @@ def convert(settings: ShardSettings, out_url: str, *, map_groups: MapFn | None =
 
 def _map_local(fn: Callable[[str], dict], groups: Sequence[str]) -> Iterable[dict]:
     return [fn(g) for g in groups]
-
-
-def verify_shards(url: str, manifest: dict[str, Any] | None = None) -> list[str]:
-    """Re-hash every shard listed in the manifest; returns the names that do not match."""
-    storage = open_storage(url)
-    manifest = manifest or json.loads(storage.read_bytes(MANIFEST_NAME))
-    bad = []
-    for shard in manifest["shards"]:
-        try:
-            nbytes, sha = sha256_of(storage, shard["name"])
-        except FileNotFoundError:
-            bad.append(shard["name"])
-            continue
-        if (nbytes, sha) != (shard["bytes"], shard["sha256"]):
-            bad.append(shard["name"])
-    return bad
 
 
 def source_path(path: str | os.PathLike) -> str:

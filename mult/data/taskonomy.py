@@ -232,25 +232,28 @@ def _gray_channel(arr: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
+def _rgb8(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., :3]
+    if arr.ndim != 3 or arr.dtype != np.uint8:
+        raise CorruptFileError(f"{name}: expected 8-bit RGB, got {arr.dtype} with shape {arr.shape}")
+    return arr
+
+
 def _decode_member(domain: str, data: bytes, name: str) -> np.ndarray:
+    """One member's PNG -> its raw array, checked against the layout the task table gives."""
     arr = decode_png(data, name)
-    if domain == INPUT_DOMAIN or domain == "normal":
-        if arr.ndim == 3 and arr.shape[2] == 4:
-            arr = arr[..., :3]
-        if arr.ndim != 3 or arr.dtype != np.uint8:
-            raise CorruptFileError(f"{name}: expected 8-bit RGB, got {arr.dtype} with shape {arr.shape}")
-        return arr
+    if domain == INPUT_DOMAIN:
+        return _rgb8(arr, name)
     if domain == MASK_DOMAIN:
         return _gray_channel(arr, name) > 0
     spec = TASKS[domain]
-    if spec.bit_depth == 16:
-        arr = _gray_channel(arr, name)
-        if arr.dtype != np.uint16:
-            raise CorruptFileError(f"{name}: expected a 16-bit PNG, got {arr.dtype}")
-        return arr
-    if arr.dtype != np.uint8:
-        raise CorruptFileError(f"{name}: expected an 8-bit PNG, got {arr.dtype}")
-    if domain == "reshading":
+    if spec.png_layout == "rgb":
+        return _rgb8(arr, name)
+    if arr.dtype != (np.uint16 if spec.bit_depth == 16 else np.uint8):
+        raise CorruptFileError(f"{name}: expected {'a 16' if spec.bit_depth == 16 else 'an 8'}-bit PNG, "
+                               f"got {arr.dtype}")
+    if spec.png_layout == "gray_or_rgb":
         return arr[..., :3] if arr.ndim == 3 else arr  # RGB with R=G=B, or gray in older files
     return _gray_channel(arr, name)
 
@@ -280,7 +283,3 @@ def taskonomy_to_raw(members: dict[str, bytes], key: str) -> dict[str, np.ndarra
             )
         out[domain] = arr
     return out
-
-
-replica_to_raw = taskonomy_to_raw
-to_raw = taskonomy_to_raw

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mult.tasks import INPUT_DOMAIN, MASK_DOMAIN, TASKS, channels_first
+from mult.encodings import channels_first
+from mult.tasks import INPUT_DOMAIN, MASK_DOMAIN, TASKS
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -42,7 +43,7 @@ def resize_nearest(array: np.ndarray, size: int, *, channels_first: bool = False
 
 def _smooth(image: np.ndarray, size: int) -> np.ndarray:
     """cv2 resize of ``[H, W]`` or ``[H, W, C<=4]`` float32: area when shrinking, bilinear else."""
-    import cv2  # imported here so that mult.viz (drawing, no resizing) does not need OpenCV
+    import cv2  # imported here so that mult.experiments.viz (drawing, no resizing) does not need OpenCV
 
     h, w = image.shape[:2]
     if (h, w) == (size, size):
@@ -114,19 +115,22 @@ def hflip_target(target: np.ndarray, task: str) -> np.ndarray:
     return out
 
 
-def resize_raw(domain: str, raw: np.ndarray, size: int) -> np.ndarray:
+def resize_raw(domain: str, raw: np.ndarray, size: int, mask: np.ndarray | None = None) -> np.ndarray:
     """Resize one raw array (Taskonomy encoding, file layout) to ``size x size``, keeping its dtype.
 
     Used to write train-resolution shards: ``rgb`` smooth, ``mask_valid`` nearest, each task by
-    its ``TaskSpec.resize``; smooth integer maps are averaged over ``raw_valid`` pixels and
-    rounded back to their integer type (a pixel with no valid support keeps its nearest value).
+    its ``TaskSpec.resize``. Smooth integer maps are averaged over the pixels that are valid
+    for the task (``raw_valid``) and inside ``mask`` (the view's ``mask_valid``, when it has
+    one): the same pixels the loader averages when it resizes targets itself, so both routes
+    give the same targets up to rounding. They are rounded back to their integer type; a pixel
+    with no valid support keeps its nearest value (and is invalid after resizing anyway).
     """
     if domain == INPUT_DOMAIN:
         return resize_rgb(raw, size)
     if domain == MASK_DOMAIN or TASKS[domain].resize == "nearest":
         return resize_nearest(raw, size)
     spec = TASKS[domain]
-    valid = spec.raw_valid(raw)
+    valid = spec.raw_valid(raw) if mask is None else spec.raw_valid(raw) & mask
     smooth, support = resize_smooth_masked(raw.astype(np.float32), valid, size)
     info = np.iinfo(raw.dtype)
     out = np.clip(np.rint(smooth), info.min, info.max).astype(raw.dtype)

@@ -12,25 +12,14 @@ A format module (``mult.data.taskonomy``, ``.nyu``, ``.cocodoom``) provides:
   takes). So shards keep each format's original bytes, and the loader decodes every format to
   the same targets.
 
-:func:`get_format` finds a format by name.
+The dataset table (:data:`mult.data.datasets.DATASETS`) names each format's reader and ``to_raw``.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Callable, Iterator, Protocol
-
-import numpy as np
-
-FORMAT_MODULES = {
-    "taskonomy": ("mult.data.taskonomy", "TaskonomyReader"),
-    "replica": ("mult.data.taskonomy", "ReplicaReader"),
-    "nyu": ("mult.data.nyu", "NYUReader"),
-    "cocodoom": ("mult.data.cocodoom", "CocoDoomReader"),
-}
+from typing import Iterator, Protocol
 
 
 class MissingDomainError(KeyError):
@@ -77,21 +66,3 @@ class Reader(Protocol):
     def groups(self) -> list[str]: ...
 
     def views(self, group: str) -> Iterator[View]: ...
-
-
-@dataclass(frozen=True)
-class Format:
-    name: str
-    reader: type
-    to_raw: Callable[[dict[str, bytes], str], dict[str, np.ndarray]]
-    module: ModuleType
-
-
-def get_format(name: str) -> Format:
-    """The reader class and ``to_raw`` of a format, by name."""
-    if name not in FORMAT_MODULES:
-        raise ValueError(f"unknown dataset format {name!r}; valid formats: {', '.join(FORMAT_MODULES)}")
-    module_name, reader_name = FORMAT_MODULES[name]
-    module = importlib.import_module(module_name)
-    to_raw = getattr(module, f"{name}_to_raw", None) or module.to_raw
-    return Format(name, getattr(module, reader_name), to_raw, module)

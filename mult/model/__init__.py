@@ -30,9 +30,9 @@ __all__ = [
 def build_model(cfg: Config) -> MulT:
     """MulT for ``cfg.tasks`` from ``cfg.model``.
 
-    bf16 autocast is on when ``train.precision`` is ``bf16`` and ``scaling.use_gpu`` (on CPU
-    bf16 is slower, as the config documents). ``model.compile`` compiles the forward in place
-    (``nn.Module.compile``), so the state-dict keys stay those of the plain model.
+    ``model.compile`` compiles the forward in place (``nn.Module.compile``), so the state-dict
+    keys stay those of the plain model. Precision is not the model's business: the step that
+    runs it decides (:func:`mult.training.step.autocast`).
     """
     m = cfg.model
     encoder = SwinEncoder(
@@ -69,8 +69,7 @@ def build_model(cfg: Config) -> MulT:
     if m.activation_checkpointing:
         encoder.set_grad_checkpointing(True)
     heads = build_heads(cfg.tasks, in_dim=decoder.out_dim, scale=encoder.reductions[0], hidden=m.head_channels)
-    precision = "bf16" if cfg.train.precision == "bf16" and cfg.scaling.use_gpu else "fp32"
-    model = MulT(encoder=encoder, decoder=decoder, heads=heads, precision=precision)
+    model = MulT(encoder=encoder, decoder=decoder, heads=heads)
     log.info(
         "MulT: %s encoder, %d tasks, shared_attention=%s, %.1f M parameters",
         m.encoder, len(cfg.tasks), m.shared_attention, count_parameters(model) / 1e6,

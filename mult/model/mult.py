@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Literal
-
 import torch
 from torch import nn
 
 from mult.model.decoder import MultiTaskDecoder
 from mult.model.encoder import SwinEncoder
-
-Precision = Literal["fp32", "bf16"]
-
 
 class MulT(nn.Module):
     """The multitask model.
@@ -21,25 +15,23 @@ class MulT(nn.Module):
         encoder: the shared :class:`SwinEncoder`.
         decoder: the tasks' :class:`MultiTaskDecoder`, sized from the encoder.
         heads: one head per decoder task (``nn.ModuleDict``).
-        precision: ``bf16`` runs the forward under ``torch.autocast(bf16)`` on the input's
-            device; outputs are returned in float32 either way.
+
+    The model never chooses a precision: the step that runs it does
+    (:func:`mult.training.step.autocast`).
 
     ``forward(images [B, 3, H, W])`` (ImageNet-normalised, H = W = ``img_size``) returns
     ``{task: [B, C_task, H, W]}`` in target units (segmentation: logits).
     """
 
     def __init__(
-        self, *, encoder: SwinEncoder, decoder: MultiTaskDecoder, heads: nn.ModuleDict, precision: Precision = "fp32"
+        self, *, encoder: SwinEncoder, decoder: MultiTaskDecoder, heads: nn.ModuleDict
     ) -> None:
         super().__init__()
         if list(heads.keys()) != decoder.tasks:
             raise ValueError(f"heads {list(heads.keys())} must match the decoder's tasks {decoder.tasks}")
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision: {precision!r} is not allowed; choose 'fp32' or 'bf16'")
         self.encoder = encoder
         self.decoder = decoder
         self.heads = heads
-        self.precision = precision
         self._init_new_weights()
 
     @property
@@ -59,18 +51,11 @@ class MulT(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[B, 3, H, W]`` -> ``{task: [B, C_task, H, W]}`` (float32)."""
+        """``[B, 3, H, W]`` -> ``{task: [B, C_task, H, W]}`` (the input's dtype, or autocast's)."""
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (self.img_size, self.img_size):
             raise ValueError(
                 f"MulT expects images [B, 3, {self.img_size}, {self.img_size}] (model.img_size), "
                 f"got {tuple(images.shape)}"
             )
-        autocast = (
-            torch.autocast(images.device.type, dtype=torch.bfloat16)
-            if self.precision == "bf16"
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            streams = self.decoder(self.encoder(images))
-            outputs = {t: self.heads[t](x) for t, x in streams.items()}
-        return {t: y.float() if y.dtype in (torch.float16, torch.bfloat16) else y for t, y in outputs.items()}
+        streams = self.decoder(self.encoder(images))
+        return {t: self.heads[t](x) for t, x in streams.items()}

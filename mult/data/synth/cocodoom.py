@@ -39,7 +39,9 @@ from mult.data.cocodoom import (
     image_id,
 )
 from mult.data.png import encode_png
-from mult.data.synth.scene import make_scene, render, sample_camera
+from mult.data.synth.render import render
+from mult.data.synth.scene import make_scene, sample_camera
+from mult.data.synth.styles import StyleParams
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def _frame_size(size: int) -> tuple[int, int]:
     return size, size * 5 // 8
 
 
-def write_cocodoom(out: Path, *, scenes: int, views: int, size: int, seed: int) -> None:
+def write_cocodoom(out: Path, *, scenes: int, views: int, size: int, seed: int, style: StyleParams) -> None:
     """Write a generated CocoDoom tree to ``out`` (see the module docstring).
 
     ``scenes`` maps, each played by the 3 runs for ``views`` frames (3 * scenes * views images).
@@ -105,7 +107,7 @@ def write_cocodoom(out: Path, *, scenes: int, views: int, size: int, seed: int) 
     out = Path(out)
     rng = np.random.default_rng(seed)
     palette = doom_palette()
-    rooms = [make_scene(rng, "cocodoom") for _ in range(scenes)]
+    rooms = [make_scene(rng, style) for _ in range(scenes)]
     images: list[dict] = []  # each with "_run", "_map", "_index" for the splits
     annotations: dict[int, list[dict]] = {}
     for run in RUNS:

@@ -30,12 +30,13 @@ import numpy as np
 
 from mult.data.label_maps import NUM_NYU40, NUM_NYU894, NYU40_CLASSES, NYU40_TO_TASKONOMY
 from mult.data.nyu import CLASS_MAP_MAT, LABELED_MAT, SPLITS_MAT
-from mult.data.synth.scene import make_scene, render, sample_camera
-from mult.tasks import NUM_SEMANTIC_CLASSES
+from mult.data.synth.render import render
+from mult.data.synth.scene import make_scene, sample_camera
+from mult.data.synth.styles import StyleParams
+from mult.encodings import NUM_SEMANTIC_CLASSES
 
 log = logging.getLogger(__name__)
 
-REAL_WIDTH, REAL_HEIGHT = 640, 480
 # Kinect colour camera: fx = 518.86 px at 640 px wide (NYU toolbox's camera_params).
 KINECT_FOV_RAD = 2.0 * math.atan(320.0 / 518.857901)
 TRAIN_FRACTION = 795 / 1449  # the real split's share of training views
@@ -92,7 +93,7 @@ def _frame_size(size: int) -> tuple[int, int]:
     return size, size * 3 // 4
 
 
-def write_nyu(out: Path, *, scenes: int, views: int, size: int, seed: int) -> None:
+def write_nyu(out: Path, *, scenes: int, views: int, size: int, seed: int, style: StyleParams) -> None:
     """Write a generated NYUv2 labeled tree to ``out`` (see the module docstring).
 
     ``scenes`` rooms, ``views`` views each (N = scenes * views), frames ``size`` wide.
@@ -120,7 +121,7 @@ def write_nyu(out: Path, *, scenes: int, views: int, size: int, seed: int) -> No
         }
         i = 0
         for s in range(scenes):
-            scene = make_scene(rng, "nyu")
+            scene = make_scene(rng, style)
             for _ in range(views):
                 cam = sample_camera(scene, rng, fov_rad=KINECT_FOV_RAD, width=width, height=height)
                 r = render(scene, cam)

@@ -19,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import os
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,12 @@ from typing import Literal
 import numpy as np
 
 from mult.data.png import encode_png
-from mult.data.synth.scene import STYLES, Camera, Rendered, make_scene, render, sample_camera, sample_target
-from mult.tasks import DEPTH_UNITS_PER_METRE, NORMAL_HOLE, TASKS
+from mult.data.synth.camera import Camera
+from mult.data.synth.render import Rendered, render
+from mult.data.synth.scene import make_scene, sample_camera, sample_target
+from mult.data.synth.styles import StyleParams
+from mult.encodings import DEPTH_UNITS_PER_METRE, NORMAL_HOLE
+from mult.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +110,7 @@ class _SceneJob:
     out: str
     dataset: str  # "taskonomy" | "replica": the omnidata component level
     layout: str  # "plain" | "omnidata"
-    style: str
+    style: StyleParams
     name: str
     index: int
     views: int
@@ -122,7 +127,7 @@ def _scene_dir(job: _SceneJob, folder: str) -> Path:
 
 def _write_scene(job: _SceneJob) -> int:
     """Render and write every view of one scene; returns the number of views written."""
-    salt = STYLES.index(job.style)
+    salt = zlib.crc32(job.style.name.encode())
     rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index, salt]))
     scene = make_scene(rng, job.style)
     point, written = 0, 0
@@ -200,12 +205,14 @@ def write_split_csv(path: Path, splits: dict[str, str]) -> None:
 # ------------------------------------------------------------------------------------------------
 # Public writers.
 # ------------------------------------------------------------------------------------------------
-def _check_args(scenes: int, views: int, size: int, style: str) -> None:
-    for label, value, low in (("scenes", scenes, 1), ("views", views, 1), ("size", size, 8)):
+def _write_scenes(out: Path, component: str, layout: str, names: list[str], style: StyleParams, *, views: int,
+                  size: int, seed: int, workers: int | None) -> int:
+    """Render and write ``views`` views of each scene in ``names``; returns the views written."""
+    for label, value, low in (("scenes", len(names), 1), ("views", views, 1), ("size", size, 8)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
-    if style not in STYLES:
-        raise ValueError(f"unknown style {style!r}; valid styles: {', '.join(STYLES)}")
+    jobs = [_SceneJob(str(out), component, layout, style, name, i, views, size, seed) for i, name in enumerate(names)]
+    return _run_jobs(jobs, workers)
 
 
 def write_taskonomy(
@@ -215,8 +222,8 @@ def write_taskonomy(
     views: int,
     size: int,
     seed: int,
+    style: StyleParams,
     layout: Literal["plain", "omnidata"] = "omnidata",
-    style: str = "taskonomy",
     workers: int | None = None,
 ) -> dict:
     """Write a Taskonomy tree of ``scenes`` buildings with ``views`` views each, ``size``² pixels.
@@ -225,14 +232,11 @@ def write_taskonomy(
     ``workers`` processes render scenes in parallel (default: one per core). Returns a summary
     dict: ``format``, ``root``, ``layout``, ``groups`` (building names), ``views``, ``splits``.
     """
-    _check_args(scenes, views, size, style)
     if layout not in ("plain", "omnidata"):
         raise ValueError(f"unknown layout {layout!r}; valid layouts: plain, omnidata")
     out = Path(out)
     names = building_names(scenes, seed)
-    jobs = [_SceneJob(str(out), "taskonomy", layout, style, name, i, views, size, seed)
-            for i, name in enumerate(names)]
-    total = _run_jobs(jobs, workers)
+    total = _write_scenes(out, "taskonomy", layout, names, style, views=views, size=size, seed=seed, workers=workers)
     splits = assign_splits(names, seed)
     write_split_csv(out / SPLIT_FILE, splits)
     log.info("wrote %d Taskonomy views (%s layout, %d buildings, %dpx) under %s", total, layout, scenes, size, out)
@@ -247,7 +251,7 @@ def write_replica(
     views: int,
     size: int,
     seed: int,
-    style: str = "replica",
+    style: StyleParams,
     workers: int | None = None,
 ) -> dict:
     """Write a Replica tree in omnidata's layout (``{domain}/replica/{scene}/...``).
@@ -256,12 +260,9 @@ def write_replica(
     (``apartment_0``, ``frl_apartment_0``, ``room_0``, ...). Returns a summary like
     :func:`write_taskonomy` (without ``splits``: Replica is used whole, for transfer).
     """
-    _check_args(scenes, views, size, style)
     out = Path(out)
     names = [f"{_REPLICA_NAMES[i % len(_REPLICA_NAMES)]}_{i // len(_REPLICA_NAMES)}" for i in range(scenes)]
-    jobs = [_SceneJob(str(out), "replica", "omnidata", style, name, i, views, size, seed)
-            for i, name in enumerate(names)]
-    total = _run_jobs(jobs, workers)
+    total = _write_scenes(out, "replica", "omnidata", names, style, views=views, size=size, seed=seed, workers=workers)
     log.info("wrote %d Replica views (%d scenes, %dpx) under %s", total, scenes, size, out)
     return {"format": "replica", "root": str(out), "layout": "omnidata", "groups": names, "views": total}
 

@@ -1,7 +1,8 @@
 """Training telemetry: a Prometheus endpoint (+ Pushgateway), TensorBoard events, a loss-curve PNG.
 
+:class:`RankZeroTelemetry` is the training loop's hook that drives all three on rank 0.
 prometheus-client, tensorboard and matplotlib are imported only when the object that needs
-them is created, so ``import mult.telemetry`` stays light. Only rank 0 creates these objects.
+them is created, so ``import mult.training.telemetry`` stays light.
 
 Metric names (the Grafana dashboard reads them)::
 
@@ -20,9 +21,14 @@ import json
 import logging
 import os
 import socket
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mult.config import MetricsConfig
+from mult.outputs import pyplot, save_figure
+from mult.training.session import Hook
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +200,7 @@ def plot_loss_curve(
     ``history`` rows look like ``{"step": 10, "total": 1.2, "normal": 0.3, ...}``;
     ``val_history`` rows ``{"step": 10, "objective": 1.1}`` are drawn as markers.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(7, 4), dpi=100)
     keys = sorted({k for row in history for k in row if k != "step"}, key=lambda k: (k != "total", k))
     for key in keys:
         rows = [r for r in history if key in r]
@@ -218,9 +217,73 @@ def plot_loss_curve(
     ax.grid(True, alpha=0.3)
     if keys or val_history:
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
+
+
+class RankZeroTelemetry(Hook):
+    """Rank 0's Prometheus endpoint, TensorBoard writer and loss-curve PNG, as a loop hook.
+
+    Files go to ``local_dir``; with ``upload_url`` (the run on S3) they are copied there at
+    every checkpoint and at the end. ``progress`` is the loop's live
+    :class:`~mult.training.loop.Progress` (its loss history and counters).
+    """
+
+    def __init__(self, metrics: MetricsConfig, local_dir: Path, progress: Any,
+                 upload_url: str | None = None, skip_files: tuple[str, ...] = ()) -> None:
+        self.dir = Path(local_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.upload_url = upload_url
+        self.skip_files = skip_files
+        self.exporter = None
+        if metrics.prometheus_port is not None or metrics.pushgateway:
+            self.exporter = PrometheusExporter(
+                metrics.prometheus_host, metrics.prometheus_port, pushgateway=metrics.pushgateway,
+                grouping_key={"run": self.dir.name}, address_file=self.dir / ADDRESS_FILE,
+            )
+            self.exporter.set_bad_samples_base(progress.bad_samples)
+        self.tb = TensorBoardLogger(self.dir / TENSORBOARD_DIR) if metrics.tensorboard else None
+
+    def before_report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if self.exporter is not None:
+            self.exporter.update(TrainSnapshot(
+                step=int(metrics["step"]), samples_per_second=metrics["samples_per_second"],
+                step_seconds=metrics["step_seconds"], data_wait_seconds=metrics["data_wait_seconds"],
+                losses={k[5:]: v for k, v in metrics.items() if k.startswith("loss/")},
+                bad_samples_total=int(metrics["bad_samples_total"]),
+            ))
+            validated = any(k.startswith("val/") for k in metrics)
+            if validated and math.isfinite(metrics.get("val_objective", math.nan)):
+                self.exporter.update_validation(metrics["val_objective"])
+        if self.tb is not None:
+            skip = ("step", "epoch", "resumed_from_step")
+            scalars = {k: v for k, v in metrics.items()
+                       if k not in skip and isinstance(v, (int, float)) and math.isfinite(v)}
+            self.tb.log(int(metrics["step"]), scalars)
+        if checkpoint_dir is not None:
+            self.flush()
+
+    def flush(self) -> None:
+        """Draw the loss curve; copy the telemetry files to the run's S3 storage."""
+        if self.progress.history:
+            plot_loss_curve(self.progress.history, self.dir / LOSS_CURVE_FILE, self.progress.val_history)
+        if self.upload_url is None:
+            return
+        from mult.data.storage import StorageError, open_storage
+
+        storage = open_storage(self.upload_url)
+        for path in self.dir.rglob("*"):
+            if path.is_file() and path.name not in self.skip_files:
+                try:
+                    storage.upload_file(path, path.relative_to(self.dir).as_posix())
+                except StorageError as exc:
+                    log.warning("could not copy %s to %s: %s", path, self.upload_url, exc)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+            if self.exporter is not None:
+                self.exporter.close()

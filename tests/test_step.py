@@ -1,4 +1,5 @@
-"""mult.engine: optimizer/schedule builders, the train step (accumulation, clipping), validation."""
+"""mult.training.optim and mult.training.step: optimizer/schedule, the train step (accumulation,
+clipping), the evaluation loop, precision."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from mult import engine
 from mult.config import OptimConfig
-from mult.losses import LossCombiner, NonFiniteLossError
+from mult.losses import NonFiniteLossError
 from mult.metrics import MetricSuite
+from mult.training import optim as engine_optim
+from mult.training import step as engine
+from mult.weighting import LossCombiner
 
 TASKS = ["normal", "depth_zbuffer", "segment_semantic"]
 CHANNELS = {"normal": 3, "depth_zbuffer": 1, "segment_semantic": 18}
@@ -64,7 +67,7 @@ def split(batch: dict, parts: int) -> list[dict]:
 # Schedule and optimizer.
 # ---------------------------------------------------------------------------------------------
 def test_warmup_cosine_shape() -> None:
-    f = [engine.warmup_cosine(s, warmup_steps=10, max_steps=100, min_lr_ratio=0.1) for s in range(101)]
+    f = [engine_optim.warmup_cosine(s, warmup_steps=10, max_steps=100, min_lr_ratio=0.1) for s in range(101)]
     assert f[0] == pytest.approx(0.1)  # (0 + 1) / 10
     assert f[9] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(f[:10], f[1:10]))  # rising during warm-up
@@ -76,8 +79,8 @@ def test_warmup_cosine_shape() -> None:
 
 def test_scheduler_drives_optimizer_lr() -> None:
     model = TinyNet()
-    opt = engine.build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=2))
-    sched = engine.build_scheduler(opt, warmup_steps=2, max_steps=6, min_lr_ratio=0.0)
+    opt = engine_optim.build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=2))
+    sched = engine_optim.build_scheduler(opt, OptimConfig(lr=1e-2, warmup_steps=2, min_lr_ratio=0.0), max_steps=6)
     lrs = []
     for _ in range(6):
         lrs.append(opt.param_groups[0]["lr"])
@@ -90,7 +93,7 @@ def test_scheduler_drives_optimizer_lr() -> None:
 def test_param_groups_skip_decay_for_norms_and_biases() -> None:
     model = TinyNet()
     combiner = LossCombiner(TASKS, weighting="uncertainty")
-    opt = engine.build_optimizer(model, OptimConfig(weight_decay=0.05), combiner)
+    opt = engine_optim.build_optimizer(model, OptimConfig(weight_decay=0.05), combiner)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decayed["params"])
@@ -104,14 +107,16 @@ def test_param_groups_skip_decay_for_norms_and_biases() -> None:
 @pytest.mark.parametrize("betas", [[0.9], [0.9, 1.0]])
 def test_build_optimizer_rejects_bad_betas(betas: list[float]) -> None:
     with pytest.raises(ValueError, match="optim.betas"):
-        engine.build_optimizer(TinyNet(), OptimConfig(betas=betas))
+        engine_optim.build_optimizer(TinyNet(), OptimConfig(betas=betas))
 
 
 def test_accumulation_steps() -> None:
-    assert engine.accumulation_steps(32, 1, 32) == 1
-    assert engine.accumulation_steps(8, 2, 2) == 2
+    from mult.config import TrainConfig
+
+    assert TrainConfig(global_batch_size=32, micro_batch_size=1).accumulation(32) == 1
+    assert TrainConfig(global_batch_size=8, micro_batch_size=2).accumulation(2) == 2
     with pytest.raises(ValueError, match="global_batch_size"):
-        engine.accumulation_steps(6, 4, 2)
+        TrainConfig(global_batch_size=6, micro_batch_size=4).accumulation(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +167,7 @@ def test_training_reduces_the_loss_and_learns_uncertainty() -> None:
     torch.manual_seed(0)
     model = TinyNet()
     combiner = LossCombiner(TASKS, weighting="uncertainty")
-    opt = engine.build_optimizer(model, OptimConfig(lr=0.05, weight_decay=0.0), combiner)
+    opt = engine_optim.build_optimizer(model, OptimConfig(lr=0.05, weight_decay=0.0), combiner)
     start = [p.detach().clone() for p in combiner.parameters()]
     batch = make_batch(4, seed=4)
     losses = [_step(model, [batch], 1, optimizer=opt, combiner=combiner).task_losses["normal"] for _ in range(30)]
@@ -194,8 +199,8 @@ def test_evaluate_fills_suite_and_restores_mode() -> None:
     model = TinyNet().train()
     suite = MetricSuite(TASKS)
     batches = [make_batch(2, seed=s) for s in range(5)]
-    seen = engine.evaluate(model, batches, suite, tasks=TASKS, device=torch.device("cpu"), max_batches=3)
-    assert seen == 6
+    counts = engine.evaluate(model, batches, suite, tasks=TASKS, device=torch.device("cpu"), max_batches=3)
+    assert counts.samples == 6 and counts.bad_samples == 3
     assert model.training
     metrics = suite.compute()
     assert set(metrics) == set(TASKS)

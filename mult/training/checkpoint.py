@@ -20,7 +20,6 @@ strings, lists, tuples and dicts are stored (RNG states are converted to tensors
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mult.config import Config, from_dict, save_config
+from mult.config import Config, derive, from_dict, save_config
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint directory (see the module docstring); returns it."""
     from mult.config import to_dict
-    from mult.engine import unwrap
+    from mult.training.step import unwrap
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -246,7 +245,7 @@ def load_model(
     ``prefer``-ed checkpoint: ``"best"`` validation objective or ``"latest"`` step); local paths
     or ``s3://`` URLs (``AWS_ENDPOINT_URL`` honoured).
     """
-    from mult import build_model
+    from mult.model import build_model
 
     with tempfile.TemporaryDirectory(prefix="mult-ckpt-") as tmp:
         directory = resolve_local(url_or_path, Path(tmp), prefer)
@@ -254,8 +253,7 @@ def load_model(
     cfg = from_dict(payload["config"])
     # The checkpoint holds every weight: rebuilding must not fetch ImageNet weights again
     # (and could not, on a machine without the hub).
-    build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, compile=False))
-    model = build_model(build_cfg)
+    model = build_model(derive(cfg, {"model.pretrained": False, "model.compile": False}))
     missing, unexpected = model.load_state_dict(payload["model"], strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -1,5 +1,6 @@
-"""mult.studies: run planning, per-run configs, the resumable result store and aggregation
-(Delta-m, mean +- std, affinity entries and signs, the num-tasks curve) on hand-computed numbers."""
+"""mult.experiments.ablation (run planning, per-run configs, the resumable result store) and
+.ablation_report (Delta-m, mean +- std, affinity entries and signs, the num-tasks curve) on
+hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import statistics
 
 import pytest
 
-from mult import studies as st
 from mult.config import load_config
+from mult.experiments import ablation as st
+from mult.experiments import ablation_report as rep
 from mult.metrics import delta_m
+from mult.outputs import json_safe
 
 ALL6 = ["normal", "depth_zbuffer", "segment_semantic", "keypoints2d", "edge_texture", "reshading"]
 
@@ -187,23 +190,15 @@ def results():
     return {r.spec: r for r in rs}
 
 
-def test_relative_change_signs():
-    assert st.relative_change("normal", 36.0, 40.0) == pytest.approx(10.0)  # lower angle: better
-    assert st.relative_change("normal", 44.0, 40.0) == pytest.approx(-10.0)
-    assert st.relative_change("segment_semantic", 24.0, 20.0) == pytest.approx(20.0)  # higher miou: better
-    assert st.relative_change("segment_semantic", 18.0, 20.0) == pytest.approx(-10.0)
-    assert math.isnan(st.relative_change("normal", 1.0, 0.0))
-
-
 def test_mean_std():
-    assert st.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
-    mean, std = st.mean_std([5.0, math.nan])
+    assert rep.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
+    mean, std = rep.mean_std([5.0, math.nan])
     assert mean == 5.0 and math.isnan(std)  # one value: no spread
-    assert all(math.isnan(x) for x in st.mean_std([]))
+    assert all(math.isnan(x) for x in rep.mean_std([]))
 
 
 def test_modes_summary_delta_m_per_seed(results):
-    s = st.summarize_modes(results, T3, [0, 1], modes=["reference", "none"])
+    s = rep.summarize_modes(results, T3, [0, 1], modes=["reference", "none"])
     ref = s["modes"]["reference"]
     assert ref["delta_m"]["values"] == pytest.approx([20.0 / 3, 0.0])
     assert ref["delta_m"]["mean"] == pytest.approx(10.0 / 3)
@@ -212,7 +207,7 @@ def test_modes_summary_delta_m_per_seed(results):
     assert ref["relative"]["depth_zbuffer"]["values"] == pytest.approx([-10.0, 10.0])
     assert ref["metrics"]["normal"]["mean_angle"]["mean"] == pytest.approx(45.5)
     # agrees with the library's Delta-m
-    base0 = st.baselines_by_seed(results, T3, [0, 1])[0]
+    base0 = rep.baselines_by_seed(results, T3, [0, 1])[0]
     assert ref["delta_m"]["values"][0] == pytest.approx(
         delta_m(results[st.RunSpec(tuple(T3), "reference", 0)].metrics, base0, T3))
     none = s["modes"]["none"]
@@ -222,7 +217,7 @@ def test_modes_summary_delta_m_per_seed(results):
 
 
 def test_affinity_entries_and_signs(results):
-    aff = st.affinity_table(results, T3, [0, 1])
+    aff = rep.affinity_table(results, T3, [0, 1])
     table = aff["table"]
     assert table["normal"]["depth_zbuffer"]["mean"] == pytest.approx(25.0)  # depth helps normal
     assert table["depth_zbuffer"]["normal"]["mean"] == pytest.approx(-25.0)  # normal hurts depth
@@ -233,30 +228,30 @@ def test_affinity_entries_and_signs(results):
     assert math.isnan(table["depth_zbuffer"]["segment_semantic"]["mean"])  # pair not run
     assert aff["pair_delta_m"]["normal+depth_zbuffer"]["mean"] == pytest.approx(0.0)
     assert aff["pair_delta_m"]["normal+segment_semantic"]["mean"] == pytest.approx(2.5)
-    md = st.markdown_affinity(aff)
+    md = rep.markdown_affinity(aff)
     assert "| normal | — | +25.00 | -5.00 |" in md
     assert "| depth_zbuffer | -25.00 | — | n/a |" in md
 
 
 def test_num_tasks_curve(results):
-    curve = st.num_tasks_curve(results, T3, [0, 1])
+    curve = rep.num_tasks_curve(results, T3, [0, 1])
     assert [r["k"] for r in curve["rows"]] == [2, 3]
     k2, k3 = curve["rows"]
     assert k2["tasks"] == ["normal", "depth_zbuffer"] and k2["delta_m"]["mean"] == pytest.approx(0.0)
     assert k3["delta_m"]["mean"] == pytest.approx(10.0 / 3)
     assert set(k2["relative"]) == {"normal", "depth_zbuffer"}
-    md = st.markdown_num_tasks(curve)
+    md = rep.markdown_num_tasks(curve)
     assert "| 3 | segment_semantic | +3.33 ± 4.71 |" in md
 
 
 def test_markdown_modes_and_plots(results, tmp_path):
-    s = st.summarize_modes(results, T3, [0, 1], modes=["reference", "none"])
-    md = st.markdown_modes(s)
+    s = rep.summarize_modes(results, T3, [0, 1], modes=["reference", "none"])
+    md = rep.markdown_modes(s)
     assert "| reference | +3.33 ± 4.71 | +0.00 ± 14.14 | +0.00 ± 14.14 | +10.00 ± 14.14 |" in md
     assert "| none | -3.33 | -10.00 | +0.00 | +0.00 |" in md  # one seed: no ± part
     assert "| single-task (none) | 45.000 ± 7.071 |" in md
-    for fn, data, name in ((st.plot_modes, s, "m.png"), (st.plot_affinity, st.affinity_table(results, T3, [0, 1]), "a.png"),
-                           (st.plot_num_tasks, st.num_tasks_curve(results, T3, [0, 1]), "n.png")):
+    for fn, data, name in ((rep.plot_modes, s, "m.png"), (rep.plot_affinity, rep.affinity_table(results, T3, [0, 1]), "a.png"),
+                           (rep.plot_num_tasks, rep.num_tasks_curve(results, T3, [0, 1]), "n.png")):
         path = fn(data, tmp_path / name)
         assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
-    json.dumps(st.json_safe(s), allow_nan=False)  # strict JSON: NaN became null
+    json.dumps(json_safe(s), allow_nan=False)  # strict JSON: NaN became null

@@ -28,9 +28,9 @@ def make_smoke_dataset(
     ``root_url`` is a local directory or ``s3://bucket/prefix``. Train holds 8 views in
     4 shards, val 2 views in 1 shard, ``size``² pixels, all from ``seed``.
     """
+    from mult.data.datasets import TRAINING_SET, get_dataset
     from mult.data.shards import MANIFEST_NAME, ShardSettings, convert
     from mult.data.storage import open_storage
-    from mult.data.synth.taskonomy import write_taskonomy
 
     if size < 8:
         raise ValueError(f"smoke dataset size must be >= 8 pixels, got {size}")
@@ -43,10 +43,10 @@ def make_smoke_dataset(
             log.info("smoke %s split already at %s", split, url)
             continue
         with tempfile.TemporaryDirectory(prefix="mult-smoke-") as tmp:
-            tree = Path(tmp) / "taskonomy"
-            write_taskonomy(tree, scenes=scenes, views=views, size=size, seed=seed * 100 + offset,
-                            layout="plain", workers=1)
-            settings = ShardSettings(format="taskonomy", source=str(tree), samples_per_shard=samples_per_shard)
+            tree = Path(tmp) / TRAINING_SET
+            get_dataset(TRAINING_SET).generate(tree, scenes=scenes, views=views, size=size,
+                                               seed=seed * 100 + offset, layout="plain", workers=1)
+            settings = ShardSettings(format=TRAINING_SET, source=str(tree), samples_per_shard=samples_per_shard)
             manifest = convert(settings, url, tmp_dir=tmp)
         log.info("smoke %s split: %d samples in %d shards at %s", split, manifest["num_samples"],
                  len(manifest["shards"]), url)

@@ -31,7 +31,7 @@ from typing import Iterator
 log = logging.getLogger("mult.services")
 
 VENV_BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # moto accepts any credentials; these keep boto3 from looking for real ones.
 FAKE_AWS_ENV = {

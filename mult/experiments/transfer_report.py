@@ -1,6 +1,6 @@
 """Evaluation outputs: ``results.json`` and a Markdown report with baselines.
 
-The results are plain data (what :func:`mult.evaluation` callers assemble)::
+The results are plain data (what :func:`mult.experiments.transfer.build_results` assembles)::
 
     {
       "checkpoint": str, "model_tasks": [task, ...],
@@ -14,9 +14,8 @@ The results are plain data (what :func:`mult.evaluation` callers assemble)::
     }
 
 Baselines are single-task results in the same ``{task: {metric: value}}`` layout, given per
-set name. The relative change is ``(value - baseline) / |baseline|`` in percent, with the sign
-flipped for lower-is-better metrics, so a positive change is always an improvement (the
-convention of MulT's tables).
+set name; the change against them is :func:`mult.metrics.relative_change` (positive = better,
+the convention of MulT's tables).
 """
 
 from __future__ import annotations
@@ -26,74 +25,13 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from mult.metrics import delta_m
-from mult.tasks import TASKS
-
-Baselines = dict[str, dict[str, float]]  # task -> metric -> value
-
-
-class ReportError(ValueError):
-    """Results or baselines are malformed; the message says which entry."""
+from mult.metrics import Baselines, delta_m, relative_change
+from mult.outputs import fmt, json_safe
+from mult.tasks import TASKS, get_task
 
 
 def higher_is_better(task: str, metric: str) -> bool:
-    """The direction of ``metric`` for ``task`` from the task table (``loss``-like if unknown)."""
-    for m in TASKS[task].metrics:
-        if m.name == metric:
-            return m.higher_is_better
-    return False
-
-
-def relative_change(value: float, baseline: float, higher_better: bool) -> float:
-    """Percent change vs ``baseline``, positive = better. NaN when the baseline is 0."""
-    if baseline == 0 or not math.isfinite(baseline) or not math.isfinite(value):
-        return math.nan
-    change = (value - baseline) / abs(baseline) * 100.0
-    return change if higher_better else -change
-
-
-def load_baselines(path_or_url: str | Path) -> Baselines:
-    """Read a single-task baseline JSON ``{task: {metric: value}}`` (local path or s3:// URL)
-    and check its task and metric names."""
-    from mult.metrics import load_baselines as read_json
-
-    try:
-        data = read_json(str(path_or_url))
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"cannot read baselines {str(path_or_url)!r}: {exc}") from exc
-    return check_baselines(data, str(path_or_url))
-
-
-def check_baselines(data: Any, where: str = "baselines") -> Baselines:
-    if not isinstance(data, dict):
-        raise ReportError(f"{where}: expected {{task: {{metric: value}}}}, got {type(data).__name__}")
-    out: Baselines = {}
-    for task, metrics in data.items():
-        if task not in TASKS:
-            raise ReportError(f"{where}: unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
-        if not isinstance(metrics, dict):
-            raise ReportError(f"{where}.{task}: expected {{metric: value}}, got {metrics!r}")
-        valid = {m.name for m in TASKS[task].metrics}
-        for metric, value in metrics.items():
-            if metric not in valid:
-                raise ReportError(
-                    f"{where}.{task}: unknown metric {metric!r}; valid: {', '.join(sorted(valid))}"
-                )
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ReportError(f"{where}.{task}.{metric}: expected a number, got {value!r}")
-        out[task] = {k: float(v) for k, v in metrics.items()}
-    return out
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+    return get_task(task).metric(metric).higher_is_better
 
 
 def attach_baselines(results: dict[str, Any], baselines: Mapping[str, Baselines]) -> None:
@@ -122,14 +60,8 @@ def attach_baselines(results: dict[str, Any], baselines: Mapping[str, Baselines]
 def write_results(results: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(results), indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(json_safe(results), indent=2, sort_keys=False) + "\n")
     return path
-
-
-def _fmt(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:.4g}"
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
@@ -145,11 +77,11 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         for task, metrics in entry["metrics"].items():
             for metric, value in metrics.items():
                 arrow = "↑" if higher_is_better(task, metric) else "↓"
-                row = f"| {entry['label']} | {task} | {metric} {arrow} | {_fmt(value)} |"
+                row = f"| {entry['label']} | {task} | {metric} {arrow} | {fmt(value)} |"
                 if with_base:
                     b = base.get(task, {}).get(metric)
                     c = change.get(task, {}).get(metric)
-                    row += f" {_fmt(b)} | {'–' if c is None or not math.isfinite(c) else f'{c:+.2f}%'} |"
+                    row += f" {fmt(b)} | {'–' if c is None or not math.isfinite(c) else f'{c:+.2f}%'} |"
                 lines.append(row)
     return "\n".join(lines)
 
@@ -166,7 +98,7 @@ def summary_table(results: Mapping[str, Any]) -> str:
             metrics = entry["metrics"].get(t, {})
             name = next((m for m in cells[t] if m in metrics), None)
             arrow = "" if name is None else ("↑" if higher_is_better(t, name) else "↓")
-            row.append("–" if name is None else f"{_fmt(metrics[name])} ({name} {arrow})")
+            row.append("–" if name is None else f"{fmt(metrics[name])} ({name} {arrow})")
         lines.append(f"| {entry['label']} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
