@@ -21,6 +21,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -121,13 +122,122 @@ def aws_problems(cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _container_env(cfg: dict[str, Any], role: str) -> dict[str, str]:
+    """The environment `docker run` gives the launcher's container on a ``role`` (head/worker) node."""
+    docker = cfg.get("docker", {})
+    words = [w for opt in docker.get("run_options", []) + docker.get(f"{role}_run_options", [])
+             for w in shlex.split(opt)]
+    env = {}
+    for flag, value in zip(words, words[1:] + [""]):
+        if flag.startswith(("--env=", "-e=")):
+            flag, value = flag.split("=", 1)[0], flag.split("=", 1)[1]
+        if flag in ("--env", "-e") and "=" in value:
+            key, _, val = value.partition("=")
+            env[key] = val
+    return env
+
+
+def _ray_start_envs(cfg: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """(command, environment) of every `ray start` the launcher runs.
+
+    The environment is the container's plus what the command line sets before `ray start`
+    (``export VAR=...;`` earlier in the same command or ``VAR=... ray start``).
+    """
+    starts = []
+    for key, role in (("head_start_ray_commands", "head"), ("worker_start_ray_commands", "worker")):
+        for command in cfg.get(key, []):
+            env = _container_env(cfg, role)
+            for part in re.split(r";|&&", command):
+                words = shlex.split(part)
+                exported = words[:1] == ["export"]
+                words = words[1:] if exported else words
+                assigned = {}
+                while words and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0]):
+                    name, _, value = words.pop(0).partition("=")
+                    assigned[name] = value
+                if exported:
+                    env.update(assigned)
+                if words[:2] == ["ray", "start"]:
+                    starts.append((" ".join(words[:3]), {**env, **assigned}))
+    return starts
+
+
+def aws_token_auth_problems(cfg: dict[str, Any]) -> list[str]:
+    """Every `ray start` runs with token authentication, the token in a file the launcher copies
+    to the nodes from outside the repository (never a value in the config)."""
+    problems = []
+    starts = _ray_start_envs(cfg)
+    if not starts:
+        problems.append("no `ray start` command found")
+    mounts = cfg.get("file_mounts") or {}
+    for command, env in starts:
+        if env.get("RAY_AUTH_MODE") != "token":
+            problems.append(f"`{command}` runs without RAY_AUTH_MODE=token")
+        if "RAY_AUTH_TOKEN" in env:
+            problems.append("RAY_AUTH_TOKEN is set in the config: the token belongs in a file that "
+                            "is never committed (RAY_AUTH_TOKEN_PATH)")
+        path = env.get("RAY_AUTH_TOKEN_PATH")
+        if not path:
+            problems.append(f"`{command}` has no RAY_AUTH_TOKEN_PATH")
+            continue
+        mount = next((dst for dst in mounts if path == dst or path.startswith(dst.rstrip("/") + "/")), None)
+        if mount is None:
+            problems.append(f"RAY_AUTH_TOKEN_PATH {path} is under no file_mounts destination: "
+                            "no node would have the token")
+            continue
+        source = Path(os.path.expanduser(mounts[mount]))
+        if not source.is_absolute() or source.resolve().is_relative_to(ROOT):
+            problems.append(f"file_mounts copies the token from {mounts[mount]}, inside the "
+                            "repository; keep it outside (e.g. ~/.mult/ray-auth)")
+    return list(dict.fromkeys(problems))
+
+
+def aws_network_problems(cfg: dict[str, Any]) -> list[str]:
+    """Nodes in the user's private subnets and security group, reached on private addresses.
+
+    Without SecurityGroupIds Ray creates its default group, which opens SSH to 0.0.0.0/0;
+    without SubnetIds it may pick a subnet that maps public IPs.
+    """
+    problems = []
+    if cfg.get("provider", {}).get("use_internal_ips") is not True:
+        problems.append("provider.use_internal_ips must be true (nodes have private addresses only)")
+    for name, node in cfg.get("available_node_types", {}).items():
+        node_config = node.get("node_config", {})
+        interfaces = node_config.get("NetworkInterfaces", [])
+        groups = node_config.get("SecurityGroupIds") or [g for i in interfaces for g in i.get("Groups", [])]
+        subnets = node_config.get("SubnetIds") or [i["SubnetId"] for i in interfaces if "SubnetId" in i]
+        if not groups:
+            problems.append(f"{name}: no SecurityGroupIds; Ray would create its default security "
+                            "group, which opens SSH to 0.0.0.0/0")
+        if not subnets:
+            problems.append(f"{name}: no SubnetIds; Ray may launch the node in a public subnet")
+        if any(i.get("AssociatePublicIpAddress") for i in interfaces):
+            problems.append(f"{name}: a network interface asks for a public IP address")
+    return problems
+
+
+def aws_metadata_problems(cfg: dict[str, Any]) -> list[str]:
+    """IMDSv2 only, hop limit 1: Ray's containers share the host's network and still reach the
+    instance profile; a container on Docker's bridge (one hop more) does not."""
+    problems = []
+    for name, node in cfg.get("available_node_types", {}).items():
+        options = node.get("node_config", {}).get("MetadataOptions", {})
+        if options.get("HttpTokens") != "required":
+            problems.append(f"{name}: MetadataOptions.HttpTokens must be 'required' (IMDSv2 only)")
+        if options.get("HttpPutResponseHopLimit") != 1:
+            problems.append(f"{name}: MetadataOptions.HttpPutResponseHopLimit must be 1, is "
+                            f"{options.get('HttpPutResponseHopLimit')}")
+    return problems
+
+
 def _validate_aws(cfg: dict[str, Any]) -> None:
     """Everything `ray up` checks before touching AWS, then the project rules."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     jsonschema.validate(cfg, _ray_schema())
     validate_config(prepare_config(copy.deepcopy(cfg)))
-    problems = aws_problems(cfg)
+    problems = [*aws_problems(cfg), *aws_token_auth_problems(cfg), *aws_network_problems(cfg),
+                *aws_metadata_problems(cfg)]
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -140,15 +250,21 @@ def test_aws_config_is_valid():
     assert cfg["provider"]["type"] == "aws"
 
 
+DELETE = object()  # a value for _with: remove the key
+
+
 def _with(cfg: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``cfg`` with dotted ``changes`` applied."""
+    """A deep copy of ``cfg`` with dotted ``changes`` applied (``DELETE`` removes a key)."""
     out = copy.deepcopy(cfg)
     for path, value in changes.items():
         node = out
         *parents, last = path.split(".")
         for key in parents:
             node = node[key]
-        node[last] = value
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
     return out
 
 
@@ -165,16 +281,127 @@ def _with(cfg: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
         ({"docker.image": "123456789012.dkr.ecr.us-west-2.amazonaws.com/mult:latest"}, "pinned tag"),
         ({"docker.run_options": ["--env AWS_SECRET_ACCESS_KEY=abc"]}, "credentials"),
         ({"available_node_types.head.resources": {"CPU": 8, "GPU": 1}}, "CPU node"),
-        ({"available_node_types.gpu.node_config.IamInstanceProfile": None}, None),
+        ({"available_node_types.gpu.node_config.IamInstanceProfile": DELETE}, "no IamInstanceProfile"),
+        # token authentication
+        ({"docker.run_options": ["--ulimit nofile=65536:65536"]}, "runs without RAY_AUTH_MODE=token"),
+        ({"worker_start_ray_commands": ["RAY_AUTH_MODE=disabled ray start --address=$RAY_HEAD_IP:6379"]},
+         "`ray start --address=$RAY_HEAD_IP:6379` runs without RAY_AUTH_MODE=token"),
+        ({"docker.run_options": ["--env RAY_AUTH_MODE=token", "--env RAY_AUTH_TOKEN=abc"]},
+         "RAY_AUTH_TOKEN is set in the config"),
+        ({"file_mounts": {}}, "under no file_mounts destination"),
+        ({"file_mounts": {"/home/ray/.mult-ray-auth": "./cluster/ray-auth"}}, "inside the repository"),
+        # network: security group, subnets, private addresses
+        ({"available_node_types.gpu.node_config.SecurityGroupIds": DELETE}, "gpu: no SecurityGroupIds"),
+        ({"available_node_types.head.node_config.SubnetIds": DELETE}, "head: no SubnetIds"),
+        ({"provider.use_internal_ips": False}, "use_internal_ips must be true"),
+        # instance metadata
+        ({"available_node_types.gpu.node_config.MetadataOptions": {"HttpTokens": "required",
+                                                                   "HttpPutResponseHopLimit": 2}},
+         "gpu: MetadataOptions.HttpPutResponseHopLimit must be 1, is 2"),
+        ({"available_node_types.head.node_config.MetadataOptions": {"HttpTokens": "optional",
+                                                                    "HttpPutResponseHopLimit": 1}},
+         "head: MetadataOptions.HttpTokens must be 'required'"),
     ],
 )
 def test_aws_config_checks_reject_broken_copies(changes, error):
     cfg = _with(_load(CLUSTER / "aws.yaml"), changes)
-    if error is None:  # remove the key instead of setting it
-        del cfg["available_node_types"]["gpu"]["node_config"]["IamInstanceProfile"]
-        error = "no IamInstanceProfile"
     with pytest.raises((ValueError, jsonschema.ValidationError), match=re.escape(error)):
         _validate_aws(cfg)
+
+
+def test_aws_token_reaches_every_ray_start_through_the_container():
+    cfg = _load(CLUSTER / "aws.yaml")
+    starts = _ray_start_envs(cfg)
+    assert [command for command, _ in starts] == ["ray start --head", "ray start --address=$RAY_HEAD_IP:6379"]
+    (mount,) = cfg["file_mounts"]
+    for _, env in starts:
+        assert env["RAY_AUTH_MODE"] == "token"
+        assert Path(env["RAY_AUTH_TOKEN_PATH"]).parent == Path(mount)
+
+
+# --------------------------------------------------------------------------------------------
+# cluster/aws-security-group.yaml: the security group cluster/aws.yaml names
+# --------------------------------------------------------------------------------------------
+SECURITY_GROUP = CLUSTER / "aws-security-group.yaml"
+
+
+def security_group_problems(template: dict[str, Any]) -> list[str]:
+    """Inbound: SSH from a CIDR the user must set (not 0.0.0.0/0), everything else only from
+    members of the group itself."""
+    resources = template.get("Resources", {})
+    groups = [name for name, res in resources.items() if res.get("Type") == "AWS::EC2::SecurityGroup"]
+    if len(groups) != 1:
+        return [f"expected one AWS::EC2::SecurityGroup, found {len(groups)}"]
+    (group,) = groups
+    own = ({"Ref": group}, {"Fn::GetAtt": [group, "GroupId"]})
+    rules = list(resources[group].get("Properties", {}).get("SecurityGroupIngress", []))
+    rules += [res.get("Properties", {}) for res in resources.values()
+              if res.get("Type") == "AWS::EC2::SecurityGroupIngress" and res.get("Properties", {}).get("GroupId") in own]
+    parameters = template.get("Parameters", {})
+    problems, has_self, has_ssh = [], False, False
+    for rule in rules:
+        sources = {key for key in ("CidrIp", "CidrIpv6", "SourcePrefixListId", "SourceSecurityGroupId",
+                                   "SourceSecurityGroupName") if key in rule}
+        if sources == {"SourceSecurityGroupId"} and rule["SourceSecurityGroupId"] in own:
+            has_self = True
+            continue
+        cidr = rule.get("CidrIp")
+        parameter = cidr.get("Ref") if isinstance(cidr, dict) else None
+        is_ssh = (str(rule.get("IpProtocol")) in ("tcp", "6")
+                  and rule.get("FromPort") == 22 and rule.get("ToPort") == 22)
+        if is_ssh and sources == {"CidrIp"} and parameter in parameters:
+            has_ssh = True
+            spec = parameters[parameter]
+            if "Default" in spec:
+                problems.append(f"parameter {parameter} has a default; the user must set the SSH CIDR")
+            pattern = spec.get("AllowedPattern")
+            if not pattern or re.fullmatch(pattern, "0.0.0.0/0"):
+                problems.append(f"parameter {parameter} accepts 0.0.0.0/0")
+            continue
+        problems.append(f"ingress rule {rule} admits traffic from outside the group "
+                        "(only SSH from a CIDR parameter may)")
+    if not has_self:
+        problems.append("no rule admits the group's own members: the nodes could not reach each other")
+    if not has_ssh:
+        problems.append("no SSH rule from a CIDR parameter: `ray up` could not reach the head")
+    return problems
+
+
+def test_security_group_admits_ssh_from_a_set_cidr_and_the_cluster_only():
+    template = _load(SECURITY_GROUP)
+    assert security_group_problems(template) == []
+    pattern = template["Parameters"]["SshCidr"]["AllowedPattern"]
+    assert re.fullmatch(pattern, "10.20.0.0/16") and re.fullmatch(pattern, "203.0.113.7/32")
+    assert not re.fullmatch(pattern, "0.0.0.0/0") and not re.fullmatch(pattern, "1.0.0.0/1")
+    assert not _secrets_in(SECURITY_GROUP.read_text())
+
+
+def _ssh_rule(t: dict[str, Any]) -> dict[str, Any]:
+    return t["Resources"]["RayClusterGroup"]["Properties"]["SecurityGroupIngress"][0]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error"),
+    [
+        (lambda t: _ssh_rule(t).update(CidrIp="0.0.0.0/0"), "admits traffic from outside the group"),
+        (lambda t: t["Resources"]["RayClusterGroup"]["Properties"]["SecurityGroupIngress"].append(
+            {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "CidrIp": {"Ref": "SshCidr"}}),
+         "admits traffic from outside the group"),
+        (lambda t: _ssh_rule(t).update(CidrIpv6="::/0"), "admits traffic from outside the group"),
+        (lambda t: t["Parameters"]["SshCidr"].update(Default="0.0.0.0/0"), "has a default"),
+        (lambda t: t["Parameters"]["SshCidr"].pop("AllowedPattern"), "accepts 0.0.0.0/0"),
+        (lambda t: t["Resources"].pop("IntraClusterIngress"), "no rule admits the group's own members"),
+        (lambda t: t["Resources"]["IntraClusterIngress"]["Properties"].update(
+            SourceSecurityGroupId="sg-0fedcba9876543210"), "admits traffic from outside the group"),
+        (lambda t: t["Resources"]["RayClusterGroup"]["Properties"].pop("SecurityGroupIngress"),
+         "no SSH rule"),
+    ],
+)
+def test_security_group_checks_reject_broken_copies(mutate, error):
+    template = _load(SECURITY_GROUP)
+    mutate(template)
+    assert any(error in problem for problem in security_group_problems(template)), \
+        security_group_problems(template)
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,3 +767,4 @@ def test_cluster_docs_name_existing_files_and_every_stage():
     for stage in ("shard", "train", "tune", "evaluate"):
         assert f"python -m pipelines.{stage}" in text
     assert "kubectl apply -f cluster/kuberay/raycluster.yaml" in text
+
