@@ -20,12 +20,14 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import ipaddress
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -434,6 +436,14 @@ DNS_LABEL = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "m
 PORT_NAME = {"type": "string", "pattern": r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 15}
 RESOURCES = _obj({"requests": _map(QUANTITY), "limits": _map(QUANTITY)})
 METADATA = _obj({"name": DNS_LABEL, "namespace": DNS_LABEL, "labels": _map(STR), "annotations": _map(STR)})
+SECCOMP = _obj({"type": {"enum": ["RuntimeDefault", "Localhost", "Unconfined"]}, "localhostProfile": STR}, ("type",))
+CONTAINER_SECURITY = _obj(
+    {
+        "runAsNonRoot": BOOL, "runAsUser": INT, "runAsGroup": INT, "allowPrivilegeEscalation": BOOL,
+        "privileged": BOOL, "readOnlyRootFilesystem": BOOL, "seccompProfile": SECCOMP,
+        "capabilities": _obj({"add": _list(STR), "drop": _list(STR)}),
+    }
+)
 CONTAINER = _obj(
     {
         "name": DNS_LABEL,
@@ -449,7 +459,7 @@ CONTAINER = _obj(
         "resources": RESOURCES,
         "volumeMounts": _list(_obj({"name": STR, "mountPath": STR, "readOnly": BOOL}, ("name", "mountPath"))),
         "lifecycle": _obj({"preStop": _obj({"exec": _obj({"command": _list(STR)})})}),
-        "securityContext": _obj({"runAsNonRoot": BOOL, "runAsUser": INT, "allowPrivilegeEscalation": BOOL}),
+        "securityContext": CONTAINER_SECURITY,
     },
     ("name",),
 )
@@ -459,7 +469,8 @@ POD_TEMPLATE = _obj(
         "spec": _obj(
             {
                 "serviceAccountName": DNS_LABEL,
-                "securityContext": _obj({"runAsNonRoot": BOOL, "runAsUser": INT, "runAsGroup": INT, "fsGroup": INT}),
+                "securityContext": _obj({"runAsNonRoot": BOOL, "runAsUser": INT, "runAsGroup": INT,
+                                         "fsGroup": INT, "seccompProfile": SECCOMP}),
                 "containers": {**_list(CONTAINER), "minItems": 1},
                 "nodeSelector": _map(STR),
                 "tolerations": _list(
@@ -478,6 +489,9 @@ RAY_START_PARAMS = _map(STR)  # the CRD types these as strings: `num-gpus: 8` is
 RAY_CLUSTER_SPEC = _obj(
     {
         "rayVersion": STR,
+        "authOptions": _obj(
+            {"mode": {"enum": ["disabled", "token"]}, "secretName": STR, "enableK8sTokenAuth": BOOL}
+        ),
         "enableInTreeAutoscaling": BOOL,
         "autoscalerOptions": _obj(
             {
@@ -488,6 +502,7 @@ RAY_CLUSTER_SPEC = _obj(
                 "image": STR,
                 "imagePullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
                 "env": _list(_obj({"name": STR, "value": STR}, ("name",))),
+                "securityContext": CONTAINER_SECURITY,
             }
         ),
         "headServiceAnnotations": _map(STR),
@@ -683,6 +698,377 @@ def test_rayjob_needs_a_cluster():
     del doc["spec"]["clusterSelector"]
     with pytest.raises(ValueError, match="exactly one of clusterSelector and rayClusterSpec"):
         _validate_kuberay(doc)
+
+
+# --------------------------------------------------------------------------------------------
+# KubeRay lock-down: token authentication, service accounts, securityContext, NetworkPolicy
+# --------------------------------------------------------------------------------------------
+def _all_docs(directory: Path) -> list[dict[str, Any]]:
+    return [d for p in sorted(directory.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def _templates(cluster_spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(what, pod template) for the head and each worker group."""
+    return [("head", cluster_spec["headGroupSpec"]["template"])] + [
+        (f"worker group {g['groupName']}", g["template"]) for g in cluster_spec.get("workerGroupSpecs", [])
+    ]
+
+
+def kuberay_auth_problems(cluster: dict[str, Any]) -> list[str]:
+    """Token authentication through authOptions, not switched off or replaced by a container's env."""
+    spec = cluster["spec"]
+    problems = []
+    if (spec.get("authOptions") or {}).get("mode") != "token":
+        problems.append("spec.authOptions.mode must be 'token'")
+    version = tuple(int(x) for x in re.findall(r"\d+", spec.get("rayVersion", "0"))[:3])
+    if version < (2, 52, 0):
+        problems.append(f"token authentication needs rayVersion >= 2.52.0, got {spec.get('rayVersion')!r}")
+    for what, template in _templates(spec):
+        for container in template["spec"]["containers"]:
+            for env in container.get("env", []):
+                # KubeRay keeps a container's own RAY_AUTH_* variables instead of setting its own
+                if env["name"] in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+                    problems.append(f"{what}: container {container['name']} sets {env['name']} itself; "
+                                    "leave it to authOptions")
+    return problems
+
+
+def kuberay_service_account_problems(cluster: dict[str, Any], docs: list[dict[str, Any]]) -> list[str]:
+    """Head and workers have their own declared service accounts, and no binding names a worker's.
+
+    KubeRay binds the autoscaler's Role (pods, rayclusters) to the head pod's service account, so
+    workers sharing it would hold that RBAC too.
+    """
+    spec = cluster["spec"]
+    declared = {d["metadata"]["name"] for d in docs if d.get("kind") == "ServiceAccount"}
+    head = spec["headGroupSpec"]["template"]["spec"].get("serviceAccountName")
+    problems = []
+    if not head:
+        problems.append("the head pod names no serviceAccountName")
+    for what, template in _templates(spec):
+        account = template["spec"].get("serviceAccountName")
+        if account and account not in declared:
+            problems.append(f"{what}: ServiceAccount {account} is not declared in cluster/kuberay")
+        if what == "head":
+            continue
+        if not account:
+            problems.append(f"{what}: no serviceAccountName (the namespace's default account)")
+        elif account == head:
+            problems.append(f"{what} shares the head's service account {head}, and with it the "
+                            "autoscaler's RBAC")
+        bound = [d["metadata"]["name"] for d in docs if d.get("kind") in ("RoleBinding", "ClusterRoleBinding")
+                 for subject in d.get("subjects", []) if subject.get("kind") == "ServiceAccount"
+                 and subject.get("name") == account]
+        if bound:
+            problems.append(f"{what}: service account {account} is bound by {bound}; workers get no RBAC")
+    return problems
+
+
+def _security_problems(what: str, context: dict[str, Any], pod_context: dict[str, Any]) -> list[str]:
+    problems = []
+    if context.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{what}: securityContext.allowPrivilegeEscalation must be false")
+    capabilities = context.get("capabilities") or {}
+    if "ALL" not in capabilities.get("drop", []):
+        problems.append(f"{what}: securityContext.capabilities must drop ALL")
+    if capabilities.get("add") or context.get("privileged"):
+        problems.append(f"{what}: adds capabilities or runs privileged")
+    seccomp = context.get("seccompProfile") or pod_context.get("seccompProfile") or {}
+    if seccomp.get("type") != "RuntimeDefault":
+        problems.append(f"{what}: seccompProfile must be RuntimeDefault")
+    if not context.get("runAsNonRoot", pod_context.get("runAsNonRoot")):
+        problems.append(f"{what}: must run as non-root (runAsNonRoot)")
+    return problems
+
+
+def kuberay_security_context_problems(cluster: dict[str, Any]) -> list[str]:
+    """Every container, the autoscaler sidecar included: no privilege escalation, no capabilities,
+    the runtime's default seccomp profile, non-root."""
+    spec = cluster["spec"]
+    problems = []
+    for what, template in _templates(spec):
+        pod_context = template["spec"].get("securityContext", {})
+        for container in template["spec"]["containers"]:
+            problems += _security_problems(f"{what} container {container['name']}",
+                                           container.get("securityContext", {}), pod_context)
+    if spec.get("enableInTreeAutoscaling"):
+        head_context = spec["headGroupSpec"]["template"]["spec"].get("securityContext", {})
+        problems += _security_problems("the autoscaler sidecar",
+                                       (spec.get("autoscalerOptions") or {}).get("securityContext", {}), head_context)
+    return problems
+
+
+def test_kuberay_cluster_is_locked_down():
+    cluster = _load(KUBERAY / "raycluster.yaml")
+    docs = _all_docs(KUBERAY)
+    assert kuberay_auth_problems(cluster) == []
+    assert kuberay_service_account_problems(cluster, docs) == []
+    assert kuberay_security_context_problems(cluster) == []
+    assert cluster["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    assert not cluster["spec"]["headGroupSpec"].get("enableIngress")
+
+
+def _head_spec(d: dict[str, Any]) -> dict[str, Any]:
+    return d["spec"]["headGroupSpec"]["template"]["spec"]
+
+
+def _worker_spec(d: dict[str, Any]) -> dict[str, Any]:
+    return d["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+
+
+@pytest.mark.parametrize(
+    ("check", "mutate", "error"),
+    [
+        ("auth", lambda d: d["spec"].pop("authOptions"), "authOptions.mode must be 'token'"),
+        ("auth", lambda d: d["spec"]["authOptions"].update(mode="disabled"), "authOptions.mode must be 'token'"),
+        ("auth", lambda d: d["spec"].update(rayVersion="2.49.0"), "needs rayVersion >= 2.52.0"),
+        ("auth", lambda d: _worker_spec(d)["containers"][0]["env"].append({"name": "RAY_AUTH_MODE", "value": "disabled"}),
+         "sets RAY_AUTH_MODE itself"),
+        ("accounts", lambda d: _worker_spec(d).update(serviceAccountName="mult-ray-head"),
+         "shares the head's service account"),
+        ("accounts", lambda d: _worker_spec(d).pop("serviceAccountName"), "no serviceAccountName"),
+        ("accounts", lambda d: _head_spec(d).update(serviceAccountName="mult-ray"), "is not declared"),
+        ("security", lambda d: _worker_spec(d)["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+         "worker group gpu container ray-worker: securityContext.allowPrivilegeEscalation must be false"),
+        ("security", lambda d: _head_spec(d)["containers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
+         "head container ray-head: securityContext.capabilities must drop ALL"),
+        ("security", lambda d: _head_spec(d)["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+         "adds capabilities"),
+        ("security", lambda d: _worker_spec(d)["securityContext"].pop("seccompProfile"),
+         "seccompProfile must be RuntimeDefault"),
+        ("security", lambda d: d["spec"]["autoscalerOptions"].pop("securityContext"),
+         "the autoscaler sidecar: securityContext.allowPrivilegeEscalation must be false"),
+    ],
+)
+def test_kuberay_lockdown_checks_reject_broken_copies(check, mutate, error):
+    cluster = _load(KUBERAY / "raycluster.yaml")
+    mutate(cluster)
+    jsonschema.validate(cluster, CRD_SCHEMAS["RayCluster"])  # the broken copy is still a valid RayCluster
+    problems = {
+        "auth": lambda: kuberay_auth_problems(cluster),
+        "accounts": lambda: kuberay_service_account_problems(cluster, _all_docs(KUBERAY)),
+        "security": lambda: kuberay_security_context_problems(cluster),
+    }[check]()
+    assert any(error in problem for problem in problems), problems
+
+
+def test_worker_service_account_bound_by_a_role_binding_is_caught():
+    cluster = _load(KUBERAY / "raycluster.yaml")
+    binding = {"kind": "RoleBinding", "metadata": {"name": "mult-extra"},
+               "subjects": [{"kind": "ServiceAccount", "name": "mult-ray-worker"}]}
+    problems = kuberay_service_account_problems(cluster, _all_docs(KUBERAY) + [binding])
+    assert any("is bound by ['mult-extra']" in p for p in problems), problems
+
+
+# NetworkPolicy (networking.k8s.io/v1), trimmed to the fields the manifest uses; closed objects.
+LABEL_SELECTOR = _obj(
+    {
+        "matchLabels": _map(STR),
+        "matchExpressions": _list(_obj({"key": STR, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                                        "values": _list(STR)}, ("key", "operator"))),
+    }
+)
+NETWORK_POLICY = _obj(
+    {
+        "apiVersion": {"const": "networking.k8s.io/v1"},
+        "kind": {"const": "NetworkPolicy"},
+        "metadata": METADATA,
+        "spec": _obj(
+            {
+                "podSelector": LABEL_SELECTOR,
+                "policyTypes": _list({"enum": ["Ingress", "Egress"]}),
+                "ingress": _list(_obj({
+                    "from": _list(_obj({"podSelector": LABEL_SELECTOR, "namespaceSelector": LABEL_SELECTOR,
+                                        "ipBlock": _obj({"cidr": STR, "except": _list(STR)}, ("cidr",))})),
+                    "ports": _list(_obj({"protocol": {"enum": ["TCP", "UDP", "SCTP"]},
+                                         "port": {"anyOf": [INT, STR]}, "endPort": INT})),
+                })),
+            },
+            ("podSelector",),
+        ),
+    },
+    ("apiVersion", "kind", "metadata", "spec"),
+)
+NETWORK_POLICIES = KUBERAY / "networkpolicy.yaml"
+# The manifests name no namespace: they go to the user's. Sources there carry these labels.
+RAY_NAMESPACE = {"kubernetes.io/metadata.name": "ray-namespace"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Something that opens a connection: a pod (namespace and pod labels) or an outside address."""
+
+    what: str
+    namespace: dict[str, str] | None
+    pod: dict[str, str] | None
+    ip: str
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _peer_admits(peer: dict[str, Any], source: Source) -> bool:
+    if "ipBlock" in peer:
+        ip, block = ipaddress.ip_address(source.ip), peer["ipBlock"]
+        return ip in ipaddress.ip_network(block["cidr"]) and not any(
+            ip in ipaddress.ip_network(c) for c in block.get("except", []))
+    if source.pod is None:
+        return False  # outside the cluster: only an ipBlock can admit it
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], source.namespace):
+            return False
+    elif source.namespace != RAY_NAMESPACE:
+        return False  # a podSelector alone means the policy's own namespace
+    return _selects(peer.get("podSelector", {}), source.pod)
+
+
+def _port_admits(ports: list[dict[str, Any]] | None, port: int, named: dict[str, int]) -> bool:
+    if not ports:
+        return True
+    for entry in ports:
+        value = entry.get("port")
+        number = named.get(value) if isinstance(value, str) else value
+        if entry.get("protocol", "TCP") == "TCP" and (
+                value is None or (number is not None and number <= port <= entry.get("endPort", number))):
+            return True
+    return False
+
+
+def network_admits(policies: list[dict[str, Any]], target: dict[str, str], named_ports: dict[str, int],
+                   source: Source, port: int) -> bool:
+    """Whether Kubernetes lets ``source`` open TCP ``port`` on a pod labelled ``target``."""
+    selecting = [p["spec"] for p in policies
+                 if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and _selects(p["spec"]["podSelector"], target)]
+    if not selecting:
+        return True  # a pod no policy selects accepts everything
+    return any(_port_admits(rule.get("ports"), port, named_ports)
+               and (not rule.get("from") or any(_peer_admits(peer, source) for peer in rule["from"]))
+               for spec in selecting for rule in spec.get("ingress") or [])
+
+
+def _pod_labels(cluster: dict[str, Any], template: dict[str, Any], node_type: str, group: str) -> dict[str, str]:
+    """A Ray pod's labels: its template's plus those KubeRay sets (and lets no template override)."""
+    return {**template.get("metadata", {}).get("labels", {}), "ray.io/cluster": cluster["metadata"]["name"],
+            "ray.io/node-type": node_type, "ray.io/group": group, "ray.io/is-ray-node": "yes"}
+
+
+def networkpolicy_problems(policies: list[dict[str, Any]], cluster: dict[str, Any], jobs: list[str]) -> list[str]:
+    """Who reaches which port of the RayCluster's pods, worked out from the policies.
+
+    GCS 6379, client 10001: the cluster's own pods only. Dashboard and job API 8265: those, the
+    KubeRay operator and the submitters of ``jobs`` (RayJob names). Metrics 8080 and 9464: the
+    cluster's pods and Prometheus. Any other port: the cluster's pods. Nobody else, anywhere.
+    """
+    spec = cluster["spec"]
+    head_template = spec["headGroupSpec"]["template"]
+    head = _pod_labels(cluster, head_template, "head", "headgroup")
+    workers = [(g, _pod_labels(cluster, g["template"], "worker", g["groupName"])) for g in spec["workerGroupSpecs"]]
+    sources = {
+        "head": Source("the head pod", RAY_NAMESPACE, head, "10.0.0.10"),
+        **{f"worker {g['groupName']}": Source(f"a {g['groupName']} worker pod", RAY_NAMESPACE, labels, "10.0.0.11")
+           for g, labels in workers},
+        "operator": Source("the KubeRay operator", {"kubernetes.io/metadata.name": "kuberay"},
+                           {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator"},
+                           "10.0.1.2"),
+        **{f"submitter {job}": Source(f"the submitter of RayJob {job}", RAY_NAMESPACE,
+                                      {"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": job,
+                                       "app.kubernetes.io/created-by": "kuberay-operator"}, "10.0.0.20")
+           for job in jobs},
+        "prometheus": Source("Prometheus", {"kubernetes.io/metadata.name": "monitoring"},
+                             {"app.kubernetes.io/name": "prometheus", "prometheus": "kube-prometheus-stack-prometheus"},
+                             "10.0.2.3"),
+        "other job": Source("another RayJob's submitter", RAY_NAMESPACE,
+                            {"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": "someone-else"},
+                            "10.0.0.21"),
+        "neighbour": Source("another pod in the namespace", RAY_NAMESPACE, {"app": "notebook"}, "10.0.0.30"),
+        "lookalike": Source("a pod with the cluster's labels in another namespace",
+                            {"kubernetes.io/metadata.name": "other"}, head, "10.0.3.4"),
+        "outside": Source("an address outside the cluster", None, None, "203.0.113.7"),
+    }
+    ray_pods = {"head"} | {f"worker {g['groupName']}" for g, _ in workers}
+    expected = {  # port -> who may connect (on the head; workers the same but for 8265's extras)
+        6379: ray_pods, 10001: ray_pods, 52365: ray_pods, 10002: ray_pods,
+        8265: ray_pods | {"operator"} | {f"submitter {job}" for job in jobs},
+        8080: ray_pods | {"prometheus"}, 9464: ray_pods | {"prometheus"},
+    }
+    targets = [("the head", head, head_template, True)] + [
+        (f"a {g['groupName']} worker", labels, g["template"], False) for g, labels in workers]
+    problems = []
+    for target, labels, template, is_head in targets:
+        named = {p["name"]: p["containerPort"] for c in template["spec"]["containers"]
+                 for p in c.get("ports", []) if "name" in p}
+        for port, allowed in expected.items():
+            if not is_head and port == 8265:
+                allowed = ray_pods
+            for key, source in sources.items():
+                admitted = network_admits(policies, labels, named, source, port)
+                if admitted and key not in allowed:
+                    problems.append(f"{source.what} can reach {target} on port {port}")
+                elif not admitted and key in allowed:
+                    problems.append(f"{source.what} cannot reach {target} on port {port}")
+    return problems
+
+
+def _policies() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(NETWORK_POLICIES.read_text()) if d]
+
+
+def _job_names() -> list[str]:
+    return sorted(_load(p)["metadata"]["name"] for p in KUBERAY.glob("rayjob-*.yaml"))
+
+
+def test_networkpolicy_admits_ray_ports_only_from_the_cluster_the_operator_and_prometheus():
+    policies = _policies()
+    for policy in policies:
+        jsonschema.validate(policy, NETWORK_POLICY)
+    assert networkpolicy_problems(policies, _load(KUBERAY / "raycluster.yaml"), _job_names()) == []
+
+
+def _policy(policies: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(p for p in policies if p["metadata"]["name"] == name)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error"),
+    [
+        (lambda ps: ps.clear(), "an address outside the cluster can reach the head on port 8265"),
+        (lambda ps: _policy(ps, "mult-ray")["spec"]["ingress"][0].pop("from"),
+         "another pod in the namespace can reach the head on port 6379"),
+        (lambda ps: _policy(ps, "mult-ray")["spec"]["ingress"][0]["from"][0].update(
+            namespaceSelector={}), "a pod with the cluster's labels in another namespace can reach the head on port 10001"),
+        (lambda ps: _policy(ps, "mult-ray")["spec"]["ingress"].append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+                                                                        "ports": [{"port": 8265}]}),
+         "an address outside the cluster can reach the head on port 8265"),
+        (lambda ps: _policy(ps, "mult-ray")["spec"]["ingress"][1].pop("ports"),
+         "Prometheus can reach the head on port 6379"),
+        (lambda ps: _policy(ps, "mult-ray-head-api")["spec"]["ingress"][0]["ports"][0].update(port=6379),
+         "the KubeRay operator can reach the head on port 6379"),
+        (lambda ps: _policy(ps, "mult-ray-head-api")["spec"]["ingress"][0]["from"][1]["podSelector"].pop(
+            "matchExpressions"), "another RayJob's submitter can reach the head on port 8265"),
+        (lambda ps: ps.remove(_policy(ps, "mult-ray-head-api")), "the KubeRay operator cannot reach the head on port 8265"),
+        (lambda ps: _policy(ps, "mult-ray")["spec"]["ingress"].pop(0),
+         "a gpu worker pod cannot reach the head on port 6379"),
+    ],
+)
+def test_networkpolicy_checks_reject_broken_copies(mutate, error):
+    policies = _policies()
+    mutate(policies)
+    problems = networkpolicy_problems(policies, _load(KUBERAY / "raycluster.yaml"), _job_names())
+    assert error in problems, problems
 
 
 # --------------------------------------------------------------------------------------------
