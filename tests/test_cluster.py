@@ -1072,6 +1072,37 @@ def test_networkpolicy_checks_reject_broken_copies(mutate, error):
 
 
 # --------------------------------------------------------------------------------------------
+# The trainer's metrics endpoint on the cluster (configs/paper.yaml)
+# --------------------------------------------------------------------------------------------
+# The host value that asks rank 0 to serve on the address Ray uses for its node (the instance's
+# private IP on AWS, the pod IP on Kubernetes) instead of every interface.
+NODE_IP_HOST = "node-ip"
+
+
+def metrics_binding_problems(config: dict[str, Any]) -> list[str]:
+    metrics = config.get("metrics") or {}
+    if metrics.get("prometheus_port") is None:
+        return []
+    host = str(metrics.get("prometheus_host", "127.0.0.1"))
+    if host != NODE_IP_HOST:
+        return [f"metrics.prometheus_host is {host!r}; on the cluster rank 0 serves on the node's private "
+                f"address ({NODE_IP_HOST!r}): a wildcard serves every interface, loopback is out of "
+                "Prometheus's reach"]
+    return []
+
+
+def test_cluster_config_serves_metrics_on_the_node_address():
+    assert metrics_binding_problems(_load(ROOT / "configs" / "paper.yaml")) == []
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "127.0.0.1"])
+def test_metrics_binding_check_rejects_other_hosts(host):
+    config = _load(ROOT / "configs" / "paper.yaml")
+    config["metrics"]["prometheus_host"] = host
+    assert metrics_binding_problems(config)
+
+
+# --------------------------------------------------------------------------------------------
 # Dockerfile
 # --------------------------------------------------------------------------------------------
 def _hadolint(path: Path) -> subprocess.CompletedProcess:
