@@ -1137,12 +1137,14 @@ def _instructions(text: str) -> list[tuple[str, str]]:
 def test_dockerfile_base_image_matches_pinned_ray_and_torch():
     instructions = _instructions((ROOT / "Dockerfile").read_text())
     (base,) = [args for op, args in instructions if op == "FROM"]
-    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py311-cu(\d{3})", base.strip())
-    assert match, f"FROM {base!r} is not a pinned rayproject/ray:<version>-py311-cu<XYZ> image"
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py311-cu(\d{3})@\S+", base.strip())
+    assert match, f"FROM {base!r} is not a pinned rayproject/ray:<version>-py311-cu<XYZ>@<digest> image"
     assert match.group(1) == _pinned("ray")
-    torch = _constraint("torch")
-    runs = " ".join(args for op, args in instructions if op == "RUN")
-    assert f"torch=={torch}" in runs
+    torch_lock = _lock_entries((DOCKER / "requirements-torch.txt").read_text())
+    assert torch_lock["torch"][0] == _constraint("torch")
+    assert torch_lock["torchvision"][0] == _constraint("torchvision")
+    # PyPI's torch 2.14.1 Linux x86_64 wheel is the CUDA 13.0 build: the local venv runs that
+    # very wheel (sha256 305a61f6...), and its torch.version.cuda must match the image's tag.
     local_cuda = importlib.import_module("torch").version.cuda
     if local_cuda:  # the wheel's CUDA (e.g. "13.0") must be the image's (cu130)
         assert match.group(2) == local_cuda.replace(".", "")[:3].ljust(3, "0")
@@ -1171,6 +1173,239 @@ def test_dockerfile_copies_only_existing_paths_outside_dockerignore():
         for src in sources:
             assert (ROOT / src).exists(), f"COPY {src}: no such path in the build context"
             assert src not in ignored, f"COPY {src}: excluded by .dockerignore"
+
+
+# --------------------------------------------------------------------------------------------
+# Image: base by digest, Python packages by hash
+# --------------------------------------------------------------------------------------------
+DOCKER = ROOT / "docker"
+SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+# pip options that take a value: what follows them is not a requirement
+PIP_VALUE_OPTIONS = {"-r", "--requirement", "-c", "--constraint", "-i", "--index-url", "--extra-index-url",
+                     "-f", "--find-links", "--only-binary", "--no-binary", "--target", "-t", "--prefix",
+                     "--root", "--platform", "--python-version", "--implementation", "--abi", "--trusted-host"}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock_entries(text: str) -> dict[str, tuple[str | None, list[str]]]:
+    """name -> (pinned version or None, sha256 hashes) of a pip requirements file."""
+    entries = {}
+    for line in re.sub(r"\\\n", " ", text).splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        spec, *options = line.split()
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?(?:==([^;]+))?.*", spec)
+        if match is None:
+            entries[spec] = (None, [])
+            continue
+        hashes = [o.split("=", 1)[1] for o in options if o.startswith("--hash=")]
+        entries[_canonical(match.group(1))] = (match.group(2), hashes)
+    return entries
+
+
+def _project_requirements() -> list[str]:
+    """The names `pip install .[all]` asks for directly: the core dependencies and the extras."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    wanted, names, seen = ["all"], list(project["dependencies"]), set()
+    while wanted:
+        extra = wanted.pop()
+        seen.add(extra)
+        for requirement in extras.get(extra, []):
+            self_ref = re.fullmatch(rf"{project['name']}\[([^\]]+)\]", requirement)
+            if self_ref:
+                wanted += [e.strip() for e in self_ref.group(1).split(",") if e.strip() not in seen]
+            else:
+                names.append(requirement)
+    return sorted({_canonical(re.match(r"[A-Za-z0-9._-]+", n).group(0)) for n in names})
+
+
+def lock_problems(entries: dict[str, tuple[str | None, list[str]]], required: list[str]) -> list[str]:
+    """Every requirement pinned with == and a sha256; ``required`` present; constraints.txt's
+    versions kept."""
+    problems = []
+    for name, (version, hashes) in entries.items():
+        if not version:
+            problems.append(f"{name}: not pinned with ==")
+        if not hashes or not all(SHA256.fullmatch(h) for h in hashes):
+            problems.append(f"{name}: no sha256 hash")
+    for name in required:
+        if _canonical(name) not in entries:
+            problems.append(f"the lock misses {name}")
+    constraints = (ROOT / "constraints.txt").read_text()
+    for name, version in re.findall(r"^([A-Za-z0-9._-]+)==(\S+)$", constraints, re.M):
+        locked = entries.get(_canonical(name), (None, []))[0]
+        if locked is not None and locked != version:
+            problems.append(f"{name}: locked at {locked}, constraints.txt pins {version}")
+    return problems
+
+
+def _pip_installs(command: str) -> list[list[str]]:
+    """The arguments after `pip install` of each pip call in a shell command."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    parts: list[list[str]] = [[]]
+    for token in lexer:
+        if set(token) <= set(";&|"):
+            parts.append([])
+        else:
+            parts[-1].append(token)
+    installs = []
+    for words in parts:
+        for i, word in enumerate(words[:-1]):
+            is_pip = word in ("pip", "pip3") or (word == "-m" and words[i + 1] in ("pip", "pip3"))
+            start = i + 2 if word == "-m" else i + 1
+            if is_pip and start < len(words) and words[start] == "install":
+                installs.append(words[start + 1:])
+                break
+    return installs
+
+
+def image_pin_problems(dockerfile: str) -> list[str]:
+    """The base image by digest (or a digest ARG without a default, so the build stops until it
+    is pinned), and every pip install from hash-locked files or, for the project, the local
+    sources with no index."""
+    instructions = _instructions(dockerfile)
+    problems, args, froms = [], {}, []
+    for op, rest in instructions:
+        if op == "ARG" and not froms:
+            name, eq, default = rest.strip().partition("=")
+            args[name] = default if eq else None
+        elif op == "FROM":
+            froms.append(next(w for w in rest.split() if not w.startswith("--")))
+    for ref in froms:
+        image, at, digest = ref.partition("@")
+        variable = re.fullmatch(r"\$\{?(\w+)\}?", digest)
+        if not at:
+            problems.append(f"FROM {ref}: no digest, and a tag can be moved")
+        elif variable and variable.group(1) not in args:
+            problems.append(f"FROM {ref}: {variable.group(1)} is not an ARG before FROM")
+        elif variable and args[variable.group(1)] is not None and not SHA256.fullmatch(args[variable.group(1)]):
+            problems.append(f"ARG {variable.group(1)}={args[variable.group(1)]} is not a sha256 digest")
+        elif not variable and not SHA256.fullmatch(digest):
+            problems.append(f"FROM {ref}: {digest} is not a sha256 digest")
+    copied = {Path(src).name: src for op, rest in instructions if op == "COPY"
+              for src in [a for a in rest.split() if not a.startswith("--")][:-1]}
+    for op, rest in instructions:
+        if op != "RUN":
+            continue
+        for argv in _pip_installs(rest):
+            files, positional, skip = [], [], False
+            for i, word in enumerate(argv):
+                if skip:
+                    skip = False
+                    continue
+                if word in PIP_VALUE_OPTIONS:
+                    skip = True
+                    if word in ("-r", "--requirement") and i + 1 < len(argv):
+                        files.append(argv[i + 1])
+                elif not word.startswith("-"):
+                    positional.append(word)
+            where = f"pip install {' '.join(argv)}"
+            if "--no-index" in argv and not files and all(p == "." or p.startswith(("./", "/")) for p in positional):
+                continue  # the project from the build context, nothing from an index
+            if "--require-hashes" not in argv:
+                problems.append(f"{where}: without --require-hashes")
+            if positional:
+                problems.append(f"{where}: installs {positional} outside a hash-locked file")
+            for name in files:
+                if Path(name).name not in copied:
+                    problems.append(f"{where}: {name} is not a file the Dockerfile copies in")
+    return problems
+
+
+def test_image_is_pinned_by_digest_and_hash_locked():
+    assert image_pin_problems((ROOT / "Dockerfile").read_text()) == []
+    torch_lock = _lock_entries((DOCKER / "requirements-torch.txt").read_text())
+    full_lock = _lock_entries((DOCKER / "requirements.txt").read_text())
+    assert lock_problems(torch_lock, ["torch", "torchvision"]) == []
+    assert lock_problems(full_lock, [*_project_requirements(), "setuptools"]) == []
+    mismatched = {n: (e, full_lock.get(n)) for n, e in torch_lock.items() if full_lock.get(n) != e}
+    assert not mismatched, "the torch layer's lock must agree with the full lock (scripts/lock-image.sh)"
+    assert full_lock["ray"][0] == _pinned("ray")
+
+
+def test_project_requirements_follow_the_extras():
+    names = _project_requirements()
+    for name in ("torch", "timm", "ray", "boto3", "webdataset", "prometheus-client", "optuna"):
+        assert name in names
+    assert "pytest" not in names  # the test extra is not in the image
+
+
+def _swap(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error"),
+    [
+        (lambda t: _swap(t, "@${RAY_IMAGE_DIGEST}", ""), "no digest, and a tag can be moved"),
+        (lambda t: _swap(t, "ARG RAY_IMAGE_DIGEST\n", "ARG RAY_IMAGE_DIGEST=latest\n"), "is not a sha256 digest"),
+        (lambda t: _swap(t, "ARG RAY_IMAGE_DIGEST\n", ""), "is not an ARG before FROM"),
+        (lambda t: _swap(t, "--require-hashes --only-binary :all: \\\n        --index-url https://pypi.org/simple "
+                            "-r requirements-torch.txt", "--only-binary :all: -r requirements-torch.txt"),
+         "without --require-hashes"),
+        (lambda t: _swap(t, "-r requirements.txt", "-r requirements.txt timm"), "installs ['timm'] outside"),
+        (lambda t: _swap(t, "-r requirements.txt", "-r requirements.in"), "requirements.in is not a file"),
+        (lambda t: _swap(t, "--no-index --no-build-isolation .", "--no-build-isolation ."), "without --require-hashes"),
+    ],
+)
+def test_image_pin_checks_reject_broken_copies(mutate, error):
+    problems = image_pin_problems(mutate((ROOT / "Dockerfile").read_text()))
+    assert any(error in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error"),
+    [
+        (lambda t: re.sub(r"(timm==\S+) \\\n(\s+--hash=\S+ \\\n)*\s+--hash=\S+", r"\1", t), "timm: no sha256 hash"),
+        (lambda t: re.sub(r"^timm==", "timm>=", t, flags=re.M), "timm: not pinned with =="),
+        (lambda t: re.sub(r"^timm==\S+", "timm==1.0.30", t, flags=re.M), "timm: locked at 1.0.30, constraints.txt pins"),
+        (lambda t: re.sub(r"^timm==", "timmy==", t, flags=re.M), "the lock misses timm"),
+    ],
+)
+def test_lock_checks_reject_broken_copies(mutate, error):
+    text = mutate((DOCKER / "requirements.txt").read_text())
+    problems = lock_problems(_lock_entries(text), [*_project_requirements(), "setuptools"])
+    assert any(error in p for p in problems), problems
+
+
+def test_pin_base_image_writes_the_digest_the_registry_answers(tmp_path):
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text((ROOT / "Dockerfile").read_text())
+    image = re.search(r"^FROM (\S+)@", dockerfile.read_text(), re.M).group(1)
+    digest = "sha256:" + "0123456789abcdef" * 4
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_docker = bin_dir / "docker"  # answers like `docker buildx imagetools inspect`
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DOCKERFILE": str(dockerfile)}
+    script = [str(ROOT / "scripts" / "pin-base-image.sh")]
+
+    fake_docker.write_text("#!/bin/sh\nexit 1\n")  # the registry cannot be reached
+    fake_docker.chmod(0o755)
+    before = dockerfile.read_text()
+    assert subprocess.run(script, env=env, capture_output=True, timeout=30).returncode != 0
+    assert dockerfile.read_text() == before
+
+    fake_docker.write_text(
+        "#!/bin/sh\n"
+        f'[ "$*" = "buildx imagetools inspect {image}" ] || exit 2\n'
+        f"printf 'Name:      docker.io/{image}\\nMediaType: application/vnd.oci.image.index.v1+json\\n"
+        f"Digest:    {digest}\\n\\nManifests:\\n  Name: docker.io/{image}@sha256:{'f' * 64}\\n'\n"
+    )
+    result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    pinned = dockerfile.read_text()
+    assert f"ARG RAY_IMAGE_DIGEST={digest}\n" in pinned
+    assert image_pin_problems(pinned) == []
+    assert _hadolint(dockerfile).returncode == 0
 
 
 # --------------------------------------------------------------------------------------------
