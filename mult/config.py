@@ -137,6 +137,8 @@ class TuneConfig:
 
 @dataclass
 class MetricsConfig:
+    # the address rank 0 serves metrics on; "node-ip": this node's private address (what a
+    # Prometheus inside the cluster scrapes; never 0.0.0.0 on a cluster reachable from outside)
     prometheus_host: str = "127.0.0.1"
     prometheus_port: int | None = None  # None: no endpoint; 0: pick a free port
     pushgateway: str | None = None

@@ -80,6 +80,27 @@ def test_prometheus_exporter_serves_parsable_metrics(tmp_path: Path) -> None:
         exporter.close()
 
 
+def test_node_ip_binds_the_private_address_only(tmp_path: Path) -> None:
+    """metrics.prometheus_host=node-ip (paper.yaml): bound to the address Ray reports for this
+    node (the oracle), recorded resolved, and not to every interface (127.0.0.1 refuses)."""
+    import socket
+
+    import ray.util
+
+    from mult.training.telemetry import PrometheusExporter, read_address_file
+
+    exporter = PrometheusExporter("node-ip", 0, address_file=tmp_path / "prometheus_address.json")
+    try:
+        host, port = exporter.address
+        assert host == ray.util.get_node_ip_address() != "node-ip"
+        assert read_address_file(tmp_path)["url"] == f"http://{host}:{port}/metrics"
+        if not host.startswith("127."):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        exporter.close()
+
+
 def test_pushgateway_receives_the_metrics(tmp_path: Path) -> None:
     """A stand-in Pushgateway on 127.0.0.1 (no Pushgateway binary here) records what is pushed."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -33,6 +33,7 @@ from mult.training.session import Hook
 log = logging.getLogger(__name__)
 
 ADDRESS_FILE = "prometheus_address.json"
+NODE_IP = "node-ip"  # metrics.prometheus_host: bind to this node's private address
 LOSS_CURVE_FILE = "loss_curve.png"
 TENSORBOARD_DIR = "tensorboard"
 METRIC_NAMES = (
@@ -105,6 +106,8 @@ class PrometheusExporter:
     def _serve(self, host: str, port: int, address_file: str | Path | None) -> None:
         from prometheus_client import start_http_server
 
+        if host == NODE_IP:
+            host = node_ip_address()
         if not 0 <= port <= 65535:
             raise ValueError(f"metrics.prometheus_port: must be in 0..65535 (0 picks a free port), got {port}")
         try:
@@ -166,6 +169,19 @@ class PrometheusExporter:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def node_ip_address() -> str:
+    """This node's address on the network its default route leaves by: the instance's private IP
+    on a cloud VM, the pod IP under Kubernetes (what Ray itself reports for the node). A UDP
+    ``connect`` picks the route without sending anything."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.254.254.254", 1))
+        except OSError as exc:
+            raise OSError(f"metrics.prometheus_host={NODE_IP}: this node has no network route to find "
+                          f"its address ({exc}); set metrics.prometheus_host to an address") from exc
+        return sock.getsockname()[0]
 
 
 def read_address_file(run_dir: str | Path) -> dict[str, Any]:
