@@ -1,9 +1,9 @@
-"""Model benchmark: the three shared-attention modes side by side, and the paper model's size.
+"""Model benchmark: the shared-attention modes side by side, and the paper model's training step.
 
     python bench/model.py [--quick] [--config configs/cpu-small.yaml] [--batch-size 8]
                           [--device cpu|cuda] [--json out.json] [key=value overrides ...]
 
-For each mode (``none``, ``reference``, ``encoder``) on the same config:
+For each mode (``none``, ``reference``, ``official``, ``encoder``) on the same config:
 
 - train-step throughput (forward, backward, AdamW step; samples/s). The three models live in
   one process and their steps are interleaved round-robin, so drifting load on a shared
@@ -17,8 +17,12 @@ For each mode (``none``, ``reference``, ``encoder``) on the same config:
 - FLOPs per train step from ``torch.utils.flop_counter.FlopCounterMode``, and the achieved FLOP/s
   as a fraction of a large-matmul rate measured in the same run, same dtype and threads.
 
-Ratios are to ``none``. Unless ``--quick``, also builds ``configs/paper.yaml`` (Swin-L, six
-tasks, 256 px) and runs one forward on the CPU: parameters, forward FLOPs, time.
+Ratios are to ``none``. Unless ``--quick``/``--no-paper``, also ``configs/paper.yaml``'s model
+(Swin-L, six tasks, 256 px, window 7; random weights, since only the cost is measured) in every
+mode, each in a fresh process on the CPU at batch 1: one full training step as the training stage
+runs it (:func:`mult.training.step.train_step`: forward, the six task losses, backward, AdamW),
+seconds per step over ``--paper-steps`` steps after one warm-up, peak RSS, parameters, and the
+FLOPs of forward + backward.
 
 The loss is the mean square of every output: the benchmark measures the model, not the losses.
 """
@@ -44,7 +48,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("none", "reference", "encoder")
+MODES = ("none", "reference", "official", "encoder")
 log = logging.getLogger("bench.model")
 
 
@@ -57,7 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--paper-config", default=str(ROOT / "configs" / "paper.yaml"))
-    p.add_argument("--no-paper", action="store_true", help="skip the paper-model forward")
+    p.add_argument("--no-paper", action="store_true", help="skip the paper model's training steps")
+    p.add_argument("--paper-steps", type=int, default=2, help="timed training steps of the paper model per mode")
     p.add_argument("--quick", action="store_true", help="few steps, small matmul, no paper model")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--worker", choices=["memory", "paper"], default=None, help=argparse.SUPPRESS)
@@ -169,40 +174,66 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"mode": args.mode, "cuda_peak_bytes": torch.cuda.max_memory_allocated()}
 
 
+def synthetic_batch(cfg, batch: int, size: int) -> dict[str, Any]:
+    """A loader-shaped batch with random targets for every task, every pixel valid."""
+    from mult.tasks import get_task
+
+    gen = torch.Generator().manual_seed(0)
+    targets = {}
+    for task in cfg.tasks:
+        spec = get_task(task)
+        if spec.kind == "classification":
+            targets[task] = torch.randint(1, spec.channels, (batch, size, size), generator=gen)
+        else:
+            targets[task] = torch.randn(batch, spec.channels, size, size, generator=gen)
+    valid = {t: torch.ones(batch, size, size, dtype=torch.bool) for t in cfg.tasks}
+    return {"rgb": torch.randn(batch, 3, size, size, generator=gen), "targets": targets, "valid": valid,
+            "key": [str(i) for i in range(batch)]}
+
+
 def paper_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """The paper model's training step in one mode, on the CPU, in this (fresh) process."""
+    from itertools import repeat
+
     from mult.model import count_parameters
+    from mult.training.optim import build_optimizer
+    from mult.training.step import train_step
+    from mult.weighting import build_loss_combiner
 
     t0 = time.perf_counter()
-    model, cfg = _build(args.paper_config, [], None, "cpu")
+    model, cfg = _build(args.paper_config, ["model.pretrained=false"], args.mode, "cpu")
     build_s = time.perf_counter() - t0
-    model.eval()
-    images = torch.randn(1, 3, model.img_size, model.img_size)
-    with torch.no_grad():
+    combiner = build_loss_combiner(cfg)
+    optimizer = build_optimizer(model, cfg.optim, combiner)
+    batch = synthetic_batch(cfg, 1, model.img_size)
+    device = torch.device("cpu")
+
+    def step() -> float:
         t0 = time.perf_counter()
-        model(images)
-        forward_s = time.perf_counter() - t0
-        with FlopCounterMode(display=False) as counter:
-            out = model(images)
+        train_step(model, combiner, optimizer, None, repeat(batch), tasks=cfg.tasks, accumulation=1,
+                   grad_clip=cfg.optim.grad_clip, device=device, precision=cfg.train.precision)
+        return time.perf_counter() - t0
+
+    flops = step_flops(model, batch["rgb"], contextlib.nullcontext())
+    warmup_s = step()
+    times = [step() for _ in range(args.paper_steps)]
     return {
-        "encoder": cfg.model.encoder,
-        "tasks": cfg.tasks,
-        "img_size": model.img_size,
-        "shared_attention": cfg.model.shared_attention,
-        "parameters": count_parameters(model),
+        "mode": args.mode, "encoder": cfg.model.encoder, "tasks": cfg.tasks, "img_size": model.img_size,
+        "window_size": cfg.model.window_size, "resolutions": model.encoder.resolutions,
+        "parameters": count_parameters(model) + count_parameters(combiner),
         "encoder_parameters": count_parameters(model.encoder),
         "decoder_parameters": count_parameters(model.decoder),
         "head_parameters": count_parameters(model.heads),
-        "forward_flops_per_image": counter.get_total_flops(),
-        "build_s": build_s,
-        "forward_s": forward_s,
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "output_shapes": {t: list(y.shape) for t, y in out.items()},
+        "train_flops_per_image": flops, "build_s": build_s, "warmup_step_s": warmup_s,
+        "step_s": statistics.median(times), "step_times_s": times, "peak_rss_bytes": _peak_rss_bytes(),
+        "threads": torch.get_num_threads(),
     }
 
 
 def run_worker(args: argparse.Namespace, kind: str, mode: str | None = None) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--config", args.config,
-           "--paper-config", args.paper_config, "--batch-size", str(args.batch_size), "--device", args.device]
+           "--paper-config", args.paper_config, "--batch-size", str(args.batch_size), "--device", args.device,
+           "--paper-steps", str(args.paper_steps)]
     if mode:
         cmd += ["--mode", mode]
     cmd += list(args.overrides)
@@ -282,16 +313,25 @@ def render(results: dict[str, Any]) -> str:
         lines.append(row)
     paper = results.get("paper")
     if paper:
+        ref = paper["none"]
+        first = next(iter(paper.values()))
         lines += [
             "",
-            f"paper model ({paper['encoder']}, {len(paper['tasks'])} tasks, {paper['img_size']} px, "
-            f"{paper['shared_attention']}): {paper['parameters'] / 1e6:.1f} M parameters "
-            f"(encoder {paper['encoder_parameters'] / 1e6:.1f} M, decoders {paper['decoder_parameters'] / 1e6:.1f} M, "
-            f"heads {paper['head_parameters'] / 1e6:.2f} M), "
-            f"{paper['forward_flops_per_image'] / 1e9:.1f} GFLOP per image forward; "
-            f"CPU build {paper['build_s']:.0f} s, forward {paper['forward_s']:.1f} s, "
-            f"peak RSS {paper['peak_rss_bytes'] / 2**30:.1f} GiB",
+            f"paper model ({first['encoder']}, {len(first['tasks'])} tasks, {first['img_size']} px, window "
+            f"{first['window_size']}, stage maps {[r for r, _ in first['resolutions']]}): one training step "
+            f"(forward, losses, backward, AdamW) at batch 1 on the CPU, {first['threads']} threads, each mode in "
+            "a fresh process",
+            "",
+            "| mode | params (M) | GFLOP fwd+bwd | s/step (median) | samples/s vs none | peak RSS (GiB) |",
+            "|---|---|---|---|---|---|",
         ]
+        for mode, r in paper.items():
+            lines.append(
+                f"| {mode} | {r['parameters'] / 1e6:.1f} | {r['train_flops_per_image'] / 1e9:.0f} | {r['step_s']:.1f} | "
+                f"{ref['step_s'] / r['step_s']:.2f} | {r['peak_rss_bytes'] / 2**30:.1f} |"
+            )
+        if "reference" in paper:
+            lines.append(f"\nreference / none speed: {paper['none']['step_s'] / paper['reference']['step_s']:.2f}")
     return "\n".join(lines)
 
 
@@ -335,8 +375,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "modes": modes,
     }
     if not args.no_paper:
-        log.info("paper model forward on CPU")
-        results["paper"] = run_worker(args, "paper")
+        results["paper"] = {}
+        for mode in MODES:
+            log.info("paper model training step on the CPU: %s", mode)
+            results["paper"][mode] = run_worker(args, "paper", mode)
     print(render(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

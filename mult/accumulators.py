@@ -198,14 +198,17 @@ class SegmentationAccumulator(Accumulator):
 class DepthAccumulator(Accumulator):
     """Depth errors in metres on valid pixels with a target above ``MIN_DEPTH_M``.
 
-    Predictions are clamped to ``[MIN_DEPTH_M, MAX_DEPTH_M]``. ``l1_m``, ``abs_rel`` (mean of
-    ``|p - t| / t``), ``rmse_m`` and ``delta1`` (% of pixels with ``max(p/t, t/p) < 1.25``)
-    are pooled over all scored pixels. The ``si_*`` variants first scale each image's
+    Predictions are clamped to ``[MIN_DEPTH_M, MAX_DEPTH_M]``. Pooled over all scored pixels
+    (the monocular-depth literature's set, Eigen et al. 2014): ``l1_m``, ``abs_rel`` (mean of
+    ``|p - t| / t``), ``sq_rel`` (mean of ``(p - t)^2 / t``), ``rmse_m``, ``log_rmse``
+    (``sqrt(mean((ln p - ln t)^2))``) and ``delta1``/``delta2``/``delta3`` (% of pixels with
+    ``max(p/t, t/p) < 1.25, 1.25^2, 1.25^3``). The ``si_*`` variants first scale each image's
     prediction by ``median(t) / median(p)`` over its scored pixels (torch's lower median),
     which removes an unknown global scale (other datasets, Doom units).
     """
 
-    _SUMS = ("abs", "abs_rel", "sq", "delta1", "si_abs_rel", "si_sq", "si_delta1")
+    _SUMS = ("abs", "abs_rel", "sq_rel", "sq", "log_sq", "delta1", "delta2", "delta3",
+             "si_abs_rel", "si_sq", "si_delta1")
 
     def __init__(self) -> None:
         super().__init__([(name, 1) for name in self._SUMS])
@@ -215,11 +218,14 @@ class DepthAccumulator(Accumulator):
         zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
         diff = pred - target
         ratio = torch.maximum(pred / target, target / pred)
+        log_diff = torch.log(pred) - torch.log(target)
         return {
             "abs": torch.where(mask, diff.abs(), zero).sum(),
             "abs_rel": torch.where(mask, diff.abs() / target, zero).sum(),
+            "sq_rel": torch.where(mask, diff * diff / target, zero).sum(),
             "sq": torch.where(mask, diff * diff, zero).sum(),
-            "delta1": (mask & (ratio < DELTA1_THRESHOLD)).sum(),
+            "log_sq": torch.where(mask, log_diff * log_diff, zero).sum(),
+            **{f"delta{k}": (mask & (ratio < DELTA1_THRESHOLD**k)).sum() for k in (1, 2, 3)},
         }
 
     def update(self, pred: Tensor, target: Tensor, valid: Tensor | None = None) -> None:
@@ -252,8 +258,12 @@ class DepthAccumulator(Accumulator):
         return {
             "l1_m": self._ratio("abs"),
             "abs_rel": self._ratio("abs_rel"),
+            "sq_rel": self._ratio("sq_rel"),
             "rmse_m": math.sqrt(self._ratio("sq")),
+            "log_rmse": math.sqrt(self._ratio("log_sq")),
             "delta1": self._ratio("delta1", scale=100.0),
+            "delta2": self._ratio("delta2", scale=100.0),
+            "delta3": self._ratio("delta3", scale=100.0),
             "si_abs_rel": self._ratio("si_abs_rel"),
             "si_rmse_m": math.sqrt(self._ratio("si_sq")),
             "si_delta1": self._ratio("si_delta1", scale=100.0),

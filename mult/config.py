@@ -21,9 +21,9 @@ import yaml
 from mult.tasks import TASK_NAMES, TASKS
 
 
-# MulT's shared-attention modes (see mult.model.decoder): the paper's, the released code's,
-# a variant and the ablation without sharing.
-SHARED_ATTENTION_MODES: tuple[str, ...] = ("reference", "encoder", "none")
+# MulT's shared-attention modes (see mult.model.decoder): the paper's, the released code's
+# (DEA4), a variant from the encoder skip alone, and the ablation without sharing.
+SHARED_ATTENTION_MODES: tuple[str, ...] = ("reference", "official", "encoder", "none")
 
 _SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
@@ -106,6 +106,9 @@ class TrainConfig:
 class LossConfig:
     weighting: Literal["fixed", "uncertainty", "dwa"] = "fixed"
     dwa_temperature: float = 2.0
+    # what an L1 loss divides by: "valid" pixels (default), or "all" pixels (the Taskonomy
+    # task-grouping code: masked pixels count as zero error); see mult.losses
+    normalize: Literal["valid", "all"] = "valid"
 
 
 @dataclass
@@ -381,7 +384,7 @@ def validate(cfg: Config) -> None:
         if not weight >= 0.0 or weight == float("inf"):
             raise ConfigError(f"loss_weights.{task}: weights must be finite and >= 0, got {weight}")
     m = cfg.model
-    if m.shared_attention == "reference" and m.reference_task not in cfg.tasks:
+    if m.shared_attention in ("reference", "official") and m.reference_task not in cfg.tasks:
         raise ConfigError(
             f"model.reference_task: {m.reference_task!r} is not among tasks ({', '.join(cfg.tasks)}); "
             "pick one of them or set model.shared_attention to 'encoder' or 'none'"

@@ -11,6 +11,11 @@ The task table (:mod:`mult.tasks`) names each task's function. Conventions (shar
 
 Each loss returns a scalar. A batch without a single valid pixel gives ``0`` that is still
 connected to ``pred`` (so ``backward`` and DDP work unchanged).
+
+``normalize`` (``loss.normalize``) says what an L1 loss divides by: ``"valid"`` (default) the
+valid pixels it sums over; ``"all"`` every pixel, valid or not, as the Taskonomy task-grouping
+code does (masked pixels count as zero error, so a view with few valid pixels weighs less).
+Cross-entropy averages over labelled pixels in both (the task-grouping code's ``ignore_index``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+
+NORMALIZE = ("valid", "all")
 
 # The 9 one-pixel shifts (dy, dx) the rotate loss chooses from; (0, 0) is the plain L1.
 ROTATE_SHIFTS: tuple[tuple[int, int], ...] = tuple(
@@ -57,21 +64,28 @@ def _dense_mask(target: Tensor, valid: Tensor | None) -> Tensor:
     return mask
 
 
-def masked_l1(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
-    """Mean absolute error over the valid pixels and channels of the whole batch.
+def _check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZE:
+        raise ValueError(f"loss.normalize: {normalize!r} is not allowed; choose one of {list(NORMALIZE)}")
+
+
+def masked_l1(pred: Tensor, target: Tensor, valid: Tensor | None = None, *, normalize: str = "valid") -> Tensor:
+    """Mean absolute error over the valid pixels and channels of the whole batch (``normalize=
+    "all"``: the sum of their errors over every pixel and channel of the batch).
 
     pred, target: ``[B, C, H, W]``; valid: ``bool [B, H, W]`` or ``None``. Returns a scalar.
     """
     _check_dense("masked_l1", pred, target, valid)
+    _check_normalize(normalize)
     mask = _dense_mask(target, valid)
     error = torch.where(mask, (pred - target).abs(), torch.zeros_like(pred))
-    count = mask.sum()
+    count = mask.sum() if normalize == "valid" else mask.numel()
     if count == 0:
         return pred.sum() * 0.0
     return error.sum() / count
 
 
-def rotate_l1(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+def rotate_l1(pred: Tensor, target: Tensor, valid: Tensor | None = None, *, normalize: str = "valid") -> Tensor:
     """MulT's rotate loss for depth: per sample, the masked L1 at the best of 9 one-pixel shifts.
 
     For each shift ``(dy, dx)`` in ``{-1, 0, 1}^2`` the prediction is read at ``(y + dy, x + dx)``
@@ -79,13 +93,18 @@ def rotate_l1(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tens
     sample keeps its smallest mean error. The result is the mean over samples that have at least
     one valid pixel. With shift ``(0, 0)`` winning for every sample and equal valid counts per
     sample, it equals :func:`masked_l1`. The gradient flows through the winning shift only.
+    ``normalize="all"``: each sample's error sum is divided by all its pixels and channels, and
+    the mean is over every sample.
 
     pred, target: ``[B, C, H, W]``; valid: ``bool [B, H, W]`` or ``None``. Returns a scalar.
     """
     _check_dense("rotate_l1", pred, target, valid)
+    _check_normalize(normalize)
     height, width = pred.shape[-2:]
     mask = _dense_mask(target, valid)
     counts = mask.sum(dim=(1, 2, 3))  # [B]
+    if normalize == "all":
+        counts = torch.full_like(counts, mask[0].numel())
     padded = F.pad(pred, (1, 1, 1, 1), mode="replicate")
     zeros = torch.zeros_like(pred)
     sums = []
@@ -100,14 +119,17 @@ def rotate_l1(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tens
 
 
 def segmentation_ce(
-    logits: Tensor, labels: Tensor, valid: Tensor | None = None, ignore_index: int = 0
+    logits: Tensor, labels: Tensor, valid: Tensor | None = None, ignore_index: int = 0, *, normalize: str = "valid"
 ) -> Tensor:
     """Pixel-wise cross-entropy over the labelled pixels of the batch.
 
     logits: ``float [B, K, H, W]``; labels: ``long [B, H, W]`` in ``0..K-1``;
     valid: ``bool [B, H, W]`` or ``None``. Pixels labelled ``ignore_index`` (Taskonomy's 0,
-    "uncertain") or marked invalid are left out. Returns the mean over the rest (a scalar).
+    "uncertain") or marked invalid are left out. Returns the mean over the rest (a scalar),
+    whatever ``normalize`` says (the task-grouping code averages its cross-entropy over the
+    pixels it does not ignore too).
     """
+    _check_normalize(normalize)
     if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(
             "segmentation_ce: logits must be [B, K, H, W] and labels [B, H, W] with the same "

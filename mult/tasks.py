@@ -120,8 +120,12 @@ TASKS: dict[str, TaskSpec] = {
             metrics=(
                 Metric("l1_m", False, absolute_scale=True),
                 Metric("abs_rel", False, absolute_scale=True),
+                Metric("sq_rel", False, absolute_scale=True),
                 Metric("rmse_m", False, absolute_scale=True),
+                Metric("log_rmse", False, absolute_scale=True),
                 Metric("delta1", True, absolute_scale=True),
+                Metric("delta2", True, absolute_scale=True),
+                Metric("delta3", True, absolute_scale=True),
                 Metric("si_abs_rel", False),
                 Metric("si_rmse_m", False),
                 Metric("si_delta1", True),
@@ -229,12 +233,13 @@ def task_losses(
     targets: Mapping[str, Tensor],
     valid: Mapping[str, Tensor] | None,
     tasks: Sequence[str],
+    normalize: str = "valid",
 ) -> dict[str, Tensor]:
     """Each task's loss (``TaskSpec.loss``) in its target units, for the tasks in ``targets``.
 
     A task in ``tasks`` but not in ``targets`` (a dataset without that label) is skipped; a task
     with a target but no prediction is an error. ``valid`` may lack a task (every pixel counts).
-    Returns ``{task: scalar Tensor}``.
+    ``normalize``: ``loss.normalize`` (:mod:`mult.losses`). Returns ``{task: scalar Tensor}``.
     """
     valid = valid or {}
     out: dict[str, Tensor] = {}
@@ -244,5 +249,5 @@ def task_losses(
             continue
         if task not in preds:
             raise KeyError(f"task {task!r} has a target but no prediction; predictions: {sorted(preds)}")
-        out[task] = spec.loss(preds[task], targets[task], valid.get(task))
+        out[task] = spec.loss(preds[task], targets[task], valid.get(task), normalize=normalize)
     return out

@@ -88,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         runner = RayRunner(args.cpus_per_worker)
     entries = tr.evaluate_sets(
         model, cfg.tasks, runs, args.out, runner=runner, infos=infos, image_size=cfg.model.img_size,
-        precision=cfg.train.precision, num_workers=args.num_workers, batch_size=args.batch_size,
+        precision=cfg.train.precision, normalize=cfg.loss.normalize, num_workers=args.num_workers,
+        batch_size=args.batch_size,
         grid_samples=args.grid_samples, max_batches=args.max_batches, finetune_steps=args.finetune_steps,
         finetune_lr=args.finetune_lr,
     )

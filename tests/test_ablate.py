@@ -42,17 +42,17 @@ def _ablate(out: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_smoke_ablation_end_to_end_and_resume(ray_head, tmp_path):
     out = tmp_path / "ablation"
     first = _ablate(out)
-    assert "10 runs (0 finished, 10 to train)" in first.stderr
+    assert "12 runs (0 finished, 12 to train)" in first.stderr
     runs = sorted((out / "runs").glob("*.json"))
-    # 2 tasks x 2 seeds baselines + 3 modes x 2 seeds; the pair and num-tasks k=2 are the modes'
+    # 2 tasks x 2 seeds baselines + 4 modes x 2 seeds; the pair and num-tasks k=2 are the modes'
     # reference run, trained once
-    assert len(runs) == 10
+    assert len(runs) == 12
     for name in ("report.md", "results.json", "baselines.json", "modes.md", "pairwise.md", "num_tasks.md",
                  "modes.png", "pairwise.png", "num_tasks.png"):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
     assert results["missing_runs"] == []
-    for mode in ("reference", "encoder", "none"):
+    for mode in ("reference", "official", "encoder", "none"):
         dm = results["modes"]["modes"][mode]["delta_m"]
         assert dm["n"] == 2 and dm["mean"] is not None
     table = results["pairwise"]["table"]
@@ -68,7 +68,7 @@ def test_smoke_ablation_end_to_end_and_resume(ray_head, tmp_path):
     removed.unlink()
     stamps = {p.name: p.stat().st_mtime_ns for p in runs if p != removed}
     second = _ablate(out)
-    assert "10 runs (9 finished, 1 to train)" in second.stderr
+    assert "12 runs (11 finished, 1 to train)" in second.stderr
     assert removed.is_file()
     assert {p.name: p.stat().st_mtime_ns for p in runs if p != removed} == stamps
     assert json.loads((out / "results.json").read_text())["missing_runs"] == []

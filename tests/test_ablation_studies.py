@@ -31,7 +31,7 @@ def test_baselines_are_single_task_without_sharing():
 
 def test_modes_plan_is_all_tasks_per_mode_and_seed():
     runs = st.plan_modes(ALL6[:3], [0, 1, 2])
-    assert len(runs) == 9
+    assert len(runs) == 12  # reference, official, encoder, none x 3 seeds
     assert {r.mode for r in runs} == set(st.MODES)
     assert all(r.tasks == tuple(ALL6[:3]) for r in runs)
 
@@ -59,9 +59,9 @@ def test_plan_runs_shares_baselines_and_deduplicates():
     tasks = ALL6[:3]
     runs = st.plan_runs(list(st.STUDIES), tasks, [0, 1, 2])
     assert len(runs) == len(set(runs))
-    # 9 baselines + 9 modes + 9 pairs; the first pair is num-tasks k=2 and k=3 is the modes
+    # 9 baselines + 12 modes + 9 pairs; the first pair is num-tasks k=2 and k=3 is the modes
     # reference run, so num-tasks adds nothing new.
-    assert len(runs) == 27
+    assert len(runs) == 30
     assert all(r.is_baseline for r in runs[:9])  # baselines first
     only_pairs = st.plan_runs(["pairwise"], tasks, [0])
     assert len(only_pairs) == 3 + 3

@@ -69,7 +69,7 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
         ("train.max_steps=ten", "train.max_steps: expected an integer"),
         ("train.max_steps=1.5", "train.max_steps: expected an integer"),
         ("model.pretrained=yes please", "model.pretrained: expected true or false"),
-        ("model.shared_attention=foo", "choose one of ['reference', 'encoder', 'none']"),
+        ("model.shared_attention=foo", "choose one of ['reference', 'official', 'encoder', 'none']"),
         ("tasks=[normal, sky]", "unknown task 'sky'"),
         ("loss_weights.normal=-1", "loss_weights.normal: weights must be finite and >= 0"),
         ("loss_weights.normal=.inf", "loss_weights.normal: weights must be finite"),

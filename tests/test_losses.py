@@ -39,6 +39,36 @@ def test_masked_l1_hand_computed_and_ignores_invalid_garbage():
     assert torch.equal(pred.grad, torch.tensor([[[[1 / 3, 0.0], [1 / 3, 1 / 3]]]]))
 
 
+def test_normalize_all_divides_by_every_pixel():
+    """loss.normalize=all (the task-grouping code: l1 * mask, then the mean over everything):
+    the same error sums as "valid", divided by every pixel and channel."""
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    target = torch.tensor([[[[0.0, float("nan")], [0.0, 0.0]]]])
+    valid = torch.tensor([[[True, False], [True, True]]])
+    assert masked_l1(pred, target, valid, normalize="all").item() == pytest.approx(8.0 / 4.0)
+    # rotate: sample 0 has 1 valid pixel of 4 with error 3 at every shift; sample 1 none
+    pred2 = torch.full((2, 1, 2, 2), 3.0)
+    valid2 = torch.tensor([[[True, False], [False, False]], [[False, False], [False, False]]])
+    target2 = torch.zeros(2, 1, 2, 2)
+    assert rotate_l1(pred2, target2, valid2).item() == pytest.approx(3.0)  # mean over samples with pixels
+    assert rotate_l1(pred2, target2, valid2, normalize="all").item() == pytest.approx((3.0 / 4 + 0.0) / 2)
+    labels = torch.tensor([[[0, 1], [2, 1]]])
+    logits = torch.randn(1, 3, 2, 2)
+    assert segmentation_ce(logits, labels, normalize="all").item() == pytest.approx(
+        segmentation_ce(logits, labels).item())  # cross-entropy: labelled pixels in both
+    with pytest.raises(ValueError, match=r"loss.normalize: 'mean' is not allowed"):
+        masked_l1(pred, target, valid, normalize="mean")
+
+
+def test_normalize_reaches_the_task_losses_from_the_config():
+    cfg = load_config(None, ["tasks=[normal]", "loss.normalize=all"])
+    preds, targets, valid = _batch(["normal"])
+    got = task_losses(preds, targets, valid, cfg.tasks, cfg.loss.normalize)["normal"]
+    assert got.item() == pytest.approx(masked_l1(preds["normal"], targets["normal"], valid["normal"],
+                                                 normalize="all").item())
+    assert got.item() < task_losses(preds, targets, valid, cfg.tasks)["normal"].item()  # 20 % masked
+
+
 def test_masked_l1_without_valid_pixels_is_zero_and_differentiable():
     pred = torch.randn(2, 1, 3, 3, requires_grad=True)
     loss = masked_l1(pred, torch.zeros(2, 1, 3, 3), torch.zeros(2, 3, 3, dtype=torch.bool))

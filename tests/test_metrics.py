@@ -86,13 +86,30 @@ def test_depth_hand_computed_in_metres_with_scale_invariant_variants():
     expected = {
         "l1_m": 10 / 6,
         "abs_rel": 4.5 / 6,
+        "sq_rel": 9 / 6,  # (p - t)^2 / t: 1, 0, 1 and 1, 2, 4
         "rmse_m": math.sqrt(26 / 6),
+        "log_rmse": math.sqrt(5 / 6) * math.log(2),  # |ln p - ln t|: ln 2, 0, ln 2 and ln 2 x 3
         "delta1": 100 / 6,
+        "delta2": 100 / 6,
+        "delta3": 100 / 6,
         "si_abs_rel": 1.5 / 6,
         "si_rmse_m": math.sqrt(5 / 6),
         "si_delta1": 400 / 6,
     }
     assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_depth_thresholds_and_log_error():
+    """delta_k counts ratios below 1.25^k: 1.2 passes all three, 1.5 delta2 and delta3, 1.9
+    delta3 only (1.25^3 = 1.953), 3.0 none."""
+    acc = DepthAccumulator()
+    pred = [[1.2, 1.5, 1.9, 3.0]]
+    acc.update(_depth_target(pred)[:, None, None], _depth_target([[1.0, 1.0, 1.0, 1.0]])[:, None, None])
+    got = acc.compute()
+    assert (got["delta1"], got["delta2"], got["delta3"]) == pytest.approx((25.0, 50.0, 75.0))
+    assert got["sq_rel"] == pytest.approx((0.04 + 0.25 + 0.81 + 4.0) / 4, rel=1e-9)
+    logs = [math.log(p) ** 2 for p in pred[0]]
+    assert got["log_rmse"] == pytest.approx(math.sqrt(sum(logs) / 4), rel=1e-9)
 
 
 def test_depth_clamps_predictions_before_ratios():

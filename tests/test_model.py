@@ -176,59 +176,7 @@ def _decoder_and_input(mode: str, tasks: list[str]):
     return decoder.eval(), x
 
 
-def _plain_swin_blocks(dim: int = 16, heads: int = 2) -> list[SwinTransformerBlock]:
-    blocks = [SwinTransformerBlock(dim=dim, input_resolution=(8, 8), num_heads=heads, window_size=4, shift_size=s)
-              for s in (0, 2)]
-    for blk in blocks:  # make every parameter non-trivial, so a mix-up cannot cancel out
-        for p in blk.parameters():
-            torch.nn.init.normal_(p, std=0.2)
-            if p.ndim == 1 and p.shape[0] == dim:
-                p.data += 1.0
-    return [b.eval() for b in blocks]
-
-
-def _copy_swin_block(src: SwinTransformerBlock, dst, map_module: WindowAttentionMap, map_has_norm: bool) -> None:
-    dim = dst.dim
-    qkv_w, qkv_b = src.attn.qkv.weight, src.attn.qkv.bias
-    with torch.no_grad():
-        map_module.qk.weight.copy_(qkv_w[: 2 * dim])
-        map_module.qk.bias.copy_(qkv_b[: 2 * dim])
-        map_module.relative_position_bias_table.copy_(src.attn.relative_position_bias_table)
-        dst.v.weight.copy_(qkv_w[2 * dim:])
-        dst.v.bias.copy_(qkv_b[2 * dim:])
-        dst.norm1.load_state_dict(src.norm1.state_dict())
-        if map_has_norm:
-            map_module.norm.load_state_dict(src.norm1.state_dict())
-        dst.proj.load_state_dict(src.attn.proj.state_dict())
-        dst.norm2.load_state_dict(src.norm2.state_dict())
-        dst.mlp.load_state_dict(src.mlp.state_dict())
-
-
-@pytest.mark.parametrize("mode", SHARED_ATTENTION_MODES)
-def test_single_task_matches_a_plain_swin_block(mode):
-    """With one task, each block of every mode computes timm's Swin block (W-MSA, then SW-MSA
-    with its shift mask). In ``encoder`` mode the map's source is the skip, so the plain block is
-    what it computes when the skip is the block's input."""
-    decoder, x = _decoder_and_input(mode, ["normal"])
-    plain = _plain_swin_blocks()
-    ours = decoder.decoders["normal"]
-    for j, src in enumerate(plain):
-        blk = ours.stages[0][j]
-        map_module = decoder.encoder_maps[0][j] if mode == "encoder" else blk.map
-        _copy_swin_block(src, blk, map_module, map_has_norm=mode == "encoder")
-    inp = x
-    with torch.no_grad():
-        for j, src in enumerate(plain):
-            expected = src(inp)
-            (got,) = decoder.block(0, j, inp, inp)
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-            inp = expected
-        if mode != "encoder":  # the whole (one-stage) decoder is the two blocks and a norm
-            expected = ours.norm(plain[1](plain[0](x)))
-            torch.testing.assert_close(decoder([x])["normal"], expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("mode", ["reference", "encoder"])
+@pytest.mark.parametrize("mode", ["reference", "official", "encoder"])
 def test_shared_map_is_applied_to_every_task(mode):
     """The second task's output follows the shared map's q/k and the tasks stay separable: with
     identical per-task weights both tasks agree, and changing q/k changes both."""
@@ -245,6 +193,44 @@ def test_shared_map_is_applied_to_every_task(mode):
         changed = decoder([x])
     for task in ("normal", "depth_zbuffer"):
         assert not torch.allclose(changed[task], out[task])
+
+
+def test_drop_path_rises_along_the_data_path():
+    """Stochastic depth from 0 at the first (deepest) decoder block to model.drop_path at the
+    last, linearly, as Swin's rule and the released head do."""
+    model = build_model(tiny_cfg("tasks=[normal]", "model.drop_path=0.2"))
+    blocks = [blk for stage in model.decoder.decoders["normal"].stages for blk in stage]
+    rates = [blk.drop_path.drop_prob if hasattr(blk.drop_path, "drop_prob") else 0.0 for blk in blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
+    assert rates == pytest.approx(torch.linspace(0, 0.2, len(blocks)).tolist())
+
+
+def test_official_mode_sees_the_skip_in_values_and_queries():
+    """``official``: q, k from [reference ‖ skip] (one map per block, owned by the reference
+    task), every task's values from [its stream ‖ skip]; changing only the skip changes every
+    task's output, and the other tasks own no map."""
+    decoder = MultiTaskDecoder(tasks=["normal", "depth_zbuffer"], encoder_channels=[16], resolutions=[(8, 8)],
+                               num_heads=[2], window_size=4, depth=2, shared_attention="official",
+                               reference_task="depth_zbuffer").eval()
+    ref, other = decoder.decoders["depth_zbuffer"].stages[0], decoder.decoders["normal"].stages[0]
+    assert all(b.map is not None and b.map.qk.in_features == 32 for b in ref)
+    assert all(b.map is None and b.v.in_features == 32 for b in other)
+    x = torch.randn(1, 8, 8, 16)
+    with torch.no_grad():
+        a = decoder.block(0, 0, x, x, x)
+        b = decoder.block(0, 0, x + 1.0, x, x)
+    for got, changed in zip(a, b):
+        assert not torch.allclose(got, changed)
+
+
+def test_encoder_features_are_layer_normed_per_stage():
+    model = build_model(tiny_cfg("tasks=[normal]"))
+    assert len(model.encoder.norms) == len(model.encoder.channels)
+    with torch.no_grad():
+        feats = model.encoder(images())
+    for f, norm in zip(feats, model.encoder.norms):
+        torch.testing.assert_close(f.mean(dim=-1), torch.zeros(f.shape[:-1]), rtol=0, atol=1e-4)
+        assert norm.normalized_shape == (f.shape[-1],)
 
 
 def test_reference_task_is_independent_of_the_others():
@@ -351,12 +337,35 @@ def test_missing_local_weights_file_is_named(tmp_path):
 
 def test_unreachable_hub_says_how_to_give_a_local_file(monkeypatch):
     """Hugging Face's own offline switch makes the download fail at once, as it does without
-    network (where it would first retry for about a minute)."""
+    network (where it would first retry for about a minute). The message names the exact timm
+    tag of paper.yaml's encoder and the config key."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(PretrainedWeightsError, match="model.pretrained_path"):
-        SwinEncoder("swin_tiny_patch4_window7_224", img_size=64, window_size=4, pretrained=True)
+    paper = load_config(Path(CPU_SMALL).parent / "paper.yaml")
+    assert paper.model.pretrained and paper.model.encoder == "swin_large_patch4_window7_224.ms_in22k"
+    with pytest.raises(PretrainedWeightsError, match=r"swin_large_patch4_window7_224\.ms_in22k.*model\.pretrained_path"):
+        SwinEncoder(paper.model.encoder, img_size=64, window_size=4, pretrained=True, embed_dim=16,
+                    depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+
+
+def test_pretrained_file_loads_at_another_window_and_size(tmp_path):
+    """A checkpoint trained at window 4 and 64 px loads into a window-6, 96-px encoder (its
+    stage maps 24, 12, 6, 3 are not all multiples of 6): timm resizes the relative-position
+    tables, every other weight is copied as it is."""
+    reference = timm.create_model("swin_tiny_patch4_window7_224", **TINY_ARCH)
+    path = tmp_path / "swin-w4.pth"
+    torch.save(reference.state_dict(), path)
+    arch = {k: v for k, v in TINY_ARCH.items() if k not in ("img_size", "window_size")}
+    encoder = SwinEncoder("swin_tiny_patch4_window7_224", img_size=96, window_size=6, pretrained=True,
+                          pretrained_path=str(path), **arch)
+    table = encoder.model.layers_0.blocks[0].attn.relative_position_bias_table
+    assert table.shape == ((2 * 6 - 1) ** 2, 1)
+    assert reference.layers[0].blocks[0].attn.relative_position_bias_table.shape == ((2 * 4 - 1) ** 2, 1)
+    torch.testing.assert_close(encoder.model.layers_2.blocks[0].attn.qkv.weight,
+                               reference.layers[2].blocks[0].attn.qkv.weight, rtol=0, atol=0)
+    feats = encoder(torch.randn(1, 3, 96, 96))
+    assert [tuple(f.shape[1:3]) for f in feats] == [(24, 24), (12, 12), (6, 6), (3, 3)]
 
 
 def test_unknown_encoder_is_refused():

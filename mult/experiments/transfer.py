@@ -197,8 +197,8 @@ class EvalOutput:
 
 
 def evaluate_batches(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], tasks: Sequence[str], *,
-                     device: torch.device | str = "cpu", precision: str = "fp32", blur_sigma: float | None = None,
-                     grid_samples: int = 0, max_batches: int | None = None,
+                     device: torch.device | str = "cpu", precision: str = "fp32", normalize: str = "valid",
+                     blur_sigma: float | None = None, grid_samples: int = 0, max_batches: int | None = None,
                      tick: Callable[[int], None] | None = None) -> EvalOutput:
     """The one evaluation loop (:func:`mult.training.step.evaluate`) over loader-shaped batches,
     into a fresh metric suite, keeping ``grid_samples`` samples for grids; ``tick(n)`` is called
@@ -216,7 +216,7 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]
     suite = MetricSuite(tasks)
     device = torch.device(device)
     counts = evaluate(model.to(device), batches, suite, tasks=list(tasks), device=device, precision=precision,
-                      max_batches=max_batches, on_batch=on_batch,
+                      normalize=normalize, max_batches=max_batches, on_batch=on_batch,
                       transform=(lambda x: gaussian_blur(x, blur_sigma)) if blur_sigma else None)
     return EvalOutput(suite.state(), counts.samples, keeper.kept, counts.bad_samples)
 
@@ -260,7 +260,8 @@ def compute_metrics(tasks: Sequence[str], state: torch.Tensor, set_name: str) ->
 
 def finetune(model: torch.nn.Module, make_batches: Callable[[], Iterable[Mapping[str, Any]]], tasks: Sequence[str],
              *, steps: int, lr: float = 5e-5, weight_decay: float = 0.05, loss_weights: Mapping[str, float] | None = None,
-             grad_clip: float | None = 1.0, device: torch.device | str = "cpu", precision: str = "fp32") -> list[float]:
+             grad_clip: float | None = 1.0, device: torch.device | str = "cpu", precision: str = "fp32",
+             normalize: str = "valid") -> list[float]:
     """Fine-tune ``model`` in place for ``steps`` AdamW steps on the batches of ``make_batches()``
     (called again when an epoch runs out): the training step (:func:`~mult.training.step.train_step`)
     with the tasks' losses weighted by the loss combiner. Returns the total loss of each step."""
@@ -277,7 +278,8 @@ def finetune(model: torch.nn.Module, make_batches: Callable[[], Iterable[Mapping
     optimizer = build_optimizer(model, OptimConfig(lr=lr, weight_decay=weight_decay))
     batches = _cycle(make_batches)
     history = [train_step(model, combiner, optimizer, None, batches, tasks=list(tasks), accumulation=1,
-                          grad_clip=grad_clip, device=device, precision=precision).loss for _ in range(steps)]
+                          grad_clip=grad_clip, device=device, precision=precision, normalize=normalize).loss
+               for _ in range(steps)]
     model.eval()
     log.info("fine-tuned %d steps: loss %.4f -> %.4f", steps, history[0], history[-1])
     return history
@@ -338,7 +340,8 @@ def run_finetune(model: torch.nn.Module, url: str, tasks: list[str], opts: dict[
         return make_loader(url, tasks=tasks, image_size=opts["image_size"], batch_size=opts["batch_size"],
                            mode="train", steps_per_epoch=opts["steps"], hflip=True, num_workers=0)
 
-    finetune(model, batches, tasks, steps=opts["steps"], lr=opts["lr"], device=_device(), precision=opts["precision"])
+    finetune(model, batches, tasks, steps=opts["steps"], lr=opts["lr"], device=_device(), precision=opts["precision"],
+             normalize=opts["normalize"])
     return model.cpu()
 
 
@@ -356,6 +359,7 @@ class LocalRunner:
 
 def evaluate_sets(model: torch.nn.Module, model_tasks: Sequence[str], runs: Sequence[SetRun], out_dir: str | Path, *,
                   runner: Runner, infos: Mapping[str, SetInfo], image_size: int, precision: str = "fp32",
+                  normalize: str = "valid",
                   num_workers: int = 2, batch_size: int = 8, grid_samples: int = 4, max_batches: int | None = None,
                   finetune_steps: int = 500, finetune_lr: float = 5e-5) -> list[dict[str, Any]]:
     """Evaluate every row; write its grids; return the ``sets`` entries of the results."""
@@ -381,13 +385,14 @@ def evaluate_sets(model: torch.nn.Module, model_tasks: Sequence[str], runs: Sequ
             if not ft_tasks:
                 raise EvaluationError(f"--finetune {run.name}={run.finetune_url}: its shards carry none of {tasks}")
             ft = {"image_size": image_size, "batch_size": batch_size, "steps": finetune_steps, "lr": finetune_lr,
-                  "precision": precision}
+                  "precision": precision, "normalize": normalize}
             net = runner.finetune(model, run.finetune_url, ft_tasks, ft)
             entry["finetune"] = {"url": run.finetune_url, "steps": finetune_steps, "lr": finetune_lr, "tasks": ft_tasks}
         # The loader's eval mode splits by shard, or by sample when shards are fewer than ranks.
         world_size = max(1, min(num_workers, info.num_samples or 1))
         opts = {"image_size": image_size, "batch_size": batch_size, "grid_samples": grid_samples,
-                "max_batches": max_batches, "blur_sigma": run.blur_sigma, "precision": precision}
+                "max_batches": max_batches, "blur_sigma": run.blur_sigma, "precision": precision,
+                "normalize": normalize}
         outputs = runner.parts(net, run.url, tasks, opts, world_size, run.label)
         entry["num_samples"] = sum(o.num_samples for o in outputs)
         entry["bad_samples"] = sum(o.bad_samples for o in outputs)

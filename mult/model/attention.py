@@ -3,9 +3,9 @@
 A :class:`WindowAttentionMap` owns what defines a Swin attention map: the q/k projection, the
 relative-position bias table, and (through the block's geometry) the window and the cyclic
 shift with its mask. One call computes the map once, from one *source* stream, and applies it
-to the values of any number of tasks at once. MulT's decoders use it in three ways (see
-:mod:`mult.model.decoder`): the source is the reference task's stream, the encoder skip of the
-block's scale, or (no sharing) each task's own stream.
+to the values of any number of tasks at once. MulT's decoders use it in four ways (see
+:mod:`mult.model.decoder`): the source is the reference task's stream, that stream beside the
+encoder skip of the block's scale, the skip alone, or (no sharing) each task's own stream.
 
 How the map is applied to every task in one pass: the tasks' values are concatenated along the
 per-head feature axis, so that ``softmax(q k^T / sqrt(d) + bias + mask) @ [v_1 | ... | v_T]``
@@ -33,6 +33,18 @@ def window_geometry(resolution: tuple[int, int], window_size: int, shifted: bool
     window = tuple(min(window_size, r) for r in resolution)
     shift = tuple(w // 2 if shifted and r > w else 0 for r, w in zip(resolution, window))
     return window, shift  # type: ignore[return-value]
+
+
+def pad_to_windows(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad ``[B, H, W, C]`` at the bottom and right to a multiple of the window.
+
+    Swin pads the *normalised input* of the attention, before any projection, so a padded
+    position's q, k and v are the projections' biases and it takes part in every window like
+    any other position (Swin's segmentation backbone, timm and MulT's released head all do
+    this); callers pad here, before their value and q/k layers, and crop the output.
+    """
+    pad_h, pad_w = -x.shape[1] % window[0], -x.shape[2] % window[1]
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
 def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
@@ -91,8 +103,6 @@ class WindowAttentionMap(nn.Module):
         num_heads: attention heads.
         head_dim: channels per head, for q/k and for each task's values.
         window: window ``(h, w)``; shift: cyclic shift ``(h, w)`` (``(0, 0)`` for W-MSA).
-        norm: apply a LayerNorm to the source first (for a source that is not already normed,
-            such as an encoder skip feature).
     """
 
     def __init__(
@@ -103,14 +113,12 @@ class WindowAttentionMap(nn.Module):
         head_dim: int,
         window: tuple[int, int],
         shift: tuple[int, int] = (0, 0),
-        norm: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.window = tuple(window)
         self.shift = tuple(shift)
-        self.norm = nn.LayerNorm(in_dim) if norm else nn.Identity()
         self.qk = nn.Linear(in_dim, 2 * num_heads * head_dim)
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), num_heads)
@@ -125,27 +133,33 @@ class WindowAttentionMap(nn.Module):
         return bias.view(n, n, self.num_heads).permute(2, 0, 1)
 
     def _to_windows(self, x: torch.Tensor) -> torch.Tensor:
-        """Shift, pad to whole windows, partition: ``[B, H, W, C]`` -> ``[B * nW, N, C]``."""
+        """Shift, then partition a padded map: ``[B, Hp, Wp, C]`` -> ``[B * nW, N, C]``.
+
+        Swin's order: pad first (the caller, :func:`pad_to_windows`), then shift, with the shift
+        mask built on the padded size, so the rows and columns that wrap around are exactly the
+        ones it separates. Shifting first and padding after (timm's order, its issue #2438)
+        lets the first and last rows of the map attend to each other whenever the map is not a
+        multiple of the window.
+        """
         if any(self.shift):
             x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
-        pad_h = -x.shape[1] % self.window[0]
-        pad_w = -x.shape[2] % self.window[1]
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         return window_partition(x, self.window)
 
     def forward(self, source: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Attend within windows with q, k from ``source`` and the given values.
 
         Args:
-            source: ``[B, H, W, in_dim]``, the stream that defines the map.
-            values: ``[B, H, W, T * heads * head_dim]``, T tasks' values, task-major (task t's
-                head h sits at channels ``(t * heads + h) * head_dim`` onwards).
+            source: ``[B, Hp, Wp, in_dim]``, the stream that defines the map, padded to whole
+                windows (:func:`pad_to_windows`, before any projection).
+            values: ``[B, Hp, Wp, T * heads * head_dim]``, T tasks' values computed from their
+                padded streams, task-major (task t's head h sits at channels
+                ``(t * heads + h) * head_dim`` onwards).
 
         Returns:
-            ``[B, H, W, T * heads * head_dim]``, each task's values mixed by the same map.
+            ``[B, Hp, Wp, T * heads * head_dim]``, each task's values mixed by the same map;
+            crop it to the unpadded size.
         """
-        b, h, w, _ = source.shape
+        b, hp, wp, _ = source.shape
         heads, hd = self.num_heads, self.head_dim
         tasks = values.shape[-1] // (heads * hd)
         if values.shape[:3] != source.shape[:3] or tasks * heads * hd != values.shape[-1]:
@@ -153,11 +167,12 @@ class WindowAttentionMap(nn.Module):
                 f"values {tuple(values.shape)} must be [B, H, W, T * {heads} * {hd}] over the source's "
                 f"[B, H, W] = {tuple(source.shape[:3])}"
             )
-        qk = self._to_windows(self.qk(self.norm(source)))  # [B*nW, N, 2*heads*hd]
+        if hp % self.window[0] or wp % self.window[1]:
+            raise ValueError(f"a [{hp}, {wp}] map is not whole {self.window} windows; pad it first (pad_to_windows)")
+        qk = self._to_windows(self.qk(source))  # [B*nW, N, 2*heads*hd]
         v = self._to_windows(values)  # [B*nW, N, T*heads*hd]
         n = qk.shape[1]
         n_win = qk.shape[0] // b
-        hp, wp = h + (-h % self.window[0]), w + (-w % self.window[1])
         # Windows and heads share one axis so that the per-window mask broadcasts over the batch.
         qk = qk.view(b, n_win, n, 2, heads, hd).permute(3, 0, 1, 4, 2, 5).reshape(2, b, n_win * heads, n, hd)
         v = v.view(b, n_win, n, tasks, heads, hd).permute(0, 1, 4, 2, 3, 5).reshape(b, n_win * heads, n, tasks * hd)
@@ -168,7 +183,7 @@ class WindowAttentionMap(nn.Module):
         mask = mask.expand(n_win, heads, n, n).reshape(1, n_win * heads, n, n).to(qk.dtype)
         out = F.scaled_dot_product_attention(qk[0], qk[1], v.to(qk.dtype), attn_mask=mask)
         out = out.view(b, n_win, heads, n, tasks, hd).permute(0, 1, 3, 4, 2, 5).reshape(b * n_win, n, -1)
-        out = window_reverse(out, self.window, hp, wp)[:, :h, :w]
+        out = window_reverse(out, self.window, hp, wp)
         if any(self.shift):
             out = torch.roll(out, shifts=self.shift, dims=(1, 2))
         return out

@@ -3,15 +3,20 @@
 Each task has its own :class:`SwinDecoder` (own parameters): four stages of ``depth`` Swin
 blocks (window, then shifted window), ×2 patch expansion with channels halved between stages
 (the encoder's channels in reverse), and skip connections from the encoder stage of the same
-scale, concatenated and projected (an hourglass, as Swin-Unet).
+scale (already LayerNormed by the encoder), concatenated and projected (an hourglass, as
+Swin-Unet). Stochastic depth rises from 0 at the first (deepest) block to ``drop_path`` at the
+last, along the data path, as in Swin and the released MulT head.
 
 :class:`MultiTaskDecoder` runs all tasks' decoders side by side, block by block, because block
 ``(stage, j)`` of every task uses one attention map (``shared_attention``):
 
-- ``reference``: q, k from the reference task's own stream (after its ``norm1``); that task's
-  block owns the map's parameters and uses the map itself, like any other task.
-- ``encoder``: q, k from the encoder skip of the block's scale, through a map module of the
-  decoder's own (with a LayerNorm, since skips are not normalised).
+- ``reference`` (the paper): q, k from the reference task's own stream (after its ``norm1``);
+  that task's block owns the map's parameters and uses the map itself, like any other task.
+- ``official`` (the released code's DEA4 head, for N tasks): q, k from one linear layer over
+  ``[reference stream ‖ encoder skip]`` of the block's scale, and each task's values from a
+  linear layer over ``[its stream ‖ skip]``.
+- ``encoder``: q, k from the encoder skip of the block's scale alone, through a map module of
+  the decoder's own.
 - ``none``: every task's block owns a map and attends with its own q, k.
 
 Each task keeps its own values, output projection, MLP and norms in every mode.
@@ -26,10 +31,10 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mult.model.attention import WindowAttentionMap, window_geometry
+from mult.config import SHARED_ATTENTION_MODES
+from mult.model.attention import WindowAttentionMap, pad_to_windows, window_geometry
 
-SharedAttention = Literal["reference", "encoder", "none"]
-SHARED_ATTENTION_MODES: tuple[str, ...] = ("reference", "encoder", "none")
+SharedAttention = Literal[SHARED_ATTENTION_MODES]  # type: ignore[valid-type]
 
 
 def pixel_shuffle_nhwc(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -57,7 +62,10 @@ class SwinDecoderBlock(nn.Module):
     """One task's Swin block. Its attention map comes from its own ``map`` (when it owns one)
     or from outside (:meth:`MultiTaskDecoder.block`); values, projection, MLP and norms are its own.
 
-    Called alone (it must own a map), it is a plain Swin block on ``[B, H, W, dim]``.
+    ``context``: the block's values and (if it owns a map) q, k also see a context stream of the
+    same width (``official`` mode's encoder skip): their layers take ``[stream ‖ context]``.
+    Called alone (it must own a map and take no context), it is a plain Swin block on
+    ``[B, H, W, dim]``.
     """
 
     def __init__(
@@ -70,15 +78,20 @@ class SwinDecoderBlock(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         owns_map: bool = True,
+        context: bool = False,
     ) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"decoder width {dim} is not divisible by {num_heads} attention heads")
         self.dim = dim
+        self.window = tuple(window)
+        self.context = context
+        in_dim = 2 * dim if context else dim
         self.norm1 = nn.LayerNorm(dim)
-        self.v = nn.Linear(dim, dim)
+        self.v = nn.Linear(in_dim, dim)
         self.map = (
-            WindowAttentionMap(in_dim=dim, num_heads=num_heads, head_dim=dim // num_heads, window=window, shift=shift)
+            WindowAttentionMap(in_dim=in_dim, num_heads=num_heads, head_dim=dim // num_heads, window=window,
+                               shift=shift)
             if owns_map
             else None
         )
@@ -93,10 +106,11 @@ class SwinDecoderBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.map is None:
-            raise RuntimeError("this block borrows its attention map; run it through MultiTaskDecoder")
-        h = self.norm1(x)
-        return self.residual(x, self.map(h, self.v(h)))
+        if self.map is None or self.context:
+            raise RuntimeError("this block borrows its attention map or needs a context; run it through "
+                               "MultiTaskDecoder")
+        h = pad_to_windows(self.norm1(x), self.window)
+        return self.residual(x, self.map(h, self.v(h))[:, : x.shape[1], : x.shape[2]])
 
 
 class SwinDecoder(nn.Module):
@@ -108,6 +122,7 @@ class SwinDecoder(nn.Module):
         num_heads: heads of each stage, deepest first.
         drop_path: one rate per block, in execution order.
         owns_map: whether this task's blocks compute attention maps themselves.
+        context: whether its blocks also see the encoder skip (``official`` mode).
     """
 
     def __init__(
@@ -121,6 +136,7 @@ class SwinDecoder(nn.Module):
         mlp_ratio: float,
         drop_path: Sequence[float],
         owns_map: bool,
+        context: bool = False,
     ) -> None:
         super().__init__()
         rates = iter(drop_path)
@@ -132,7 +148,7 @@ class SwinDecoder(nn.Module):
                 blocks.append(
                     SwinDecoderBlock(
                         dim=dim, num_heads=heads, window=window, shift=shift, mlp_ratio=mlp_ratio,
-                        drop_path=next(rates), owns_map=owns_map,
+                        drop_path=next(rates), owns_map=owns_map, context=context,
                     )
                 )
             self.stages.append(blocks)
@@ -160,9 +176,9 @@ class MultiTaskDecoder(nn.Module):
         num_heads: attention heads per decoder stage, deepest first.
         window_size: attention window (clipped to small maps, as Swin does).
         depth: Swin blocks per stage (alternating window and shifted window).
-        shared_attention: ``reference``, ``encoder`` or ``none`` (see the module docstring).
-        reference_task: the task whose stream provides q, k in ``reference`` mode.
-        drop_path: the highest stochastic-depth rate (deepest block; falls to 0 at the top).
+        shared_attention: ``reference``, ``official``, ``encoder`` or ``none`` (see the module docstring).
+        reference_task: the task whose stream provides q, k in ``reference`` and ``official`` modes.
+        drop_path: the highest stochastic-depth rate (the last block; 0 at the first, deepest one).
         checkpointing: recompute each block in backward (activation checkpointing).
 
     Example: ``MultiTaskDecoder(tasks=["normal", "depth_zbuffer"], encoder_channels=[8, 16],
@@ -188,17 +204,19 @@ class MultiTaskDecoder(nn.Module):
         _check_args(tasks, encoder_channels, resolutions, num_heads, depth, shared_attention, reference_task)
         self.tasks = list(tasks)
         self.shared_attention = shared_attention
-        self.reference_index = self.tasks.index(reference_task) if shared_attention == "reference" else None
+        uses_reference = shared_attention in ("reference", "official")
+        self.reference_index = self.tasks.index(reference_task) if uses_reference else None
         self.checkpointing = checkpointing
         self.dims = list(encoder_channels)[::-1]
         res = [tuple(r) for r in resolutions][::-1]
-        rates = torch.linspace(drop_path, 0.0, len(self.dims) * depth).tolist()
+        rates = torch.linspace(0.0, drop_path, len(self.dims) * depth).tolist()
         self.decoders = nn.ModuleDict(
             {
                 task: SwinDecoder(
                     dims=self.dims, resolutions=res, num_heads=num_heads, window_size=window_size, depth=depth,
                     mlp_ratio=mlp_ratio, drop_path=rates,
                     owns_map=shared_attention == "none" or i == self.reference_index,
+                    context=shared_attention == "official",
                 )
                 for i, task in enumerate(self.tasks)
             }
@@ -210,9 +228,7 @@ class MultiTaskDecoder(nn.Module):
                 for j in range(depth):
                     window, shift = window_geometry(r, window_size, shifted=j % 2 == 1)
                     maps.append(
-                        WindowAttentionMap(
-                            in_dim=dim, num_heads=heads, head_dim=dim // heads, window=window, shift=shift, norm=True
-                        )
+                        WindowAttentionMap(in_dim=dim, num_heads=heads, head_dim=dim // heads, window=window, shift=shift)
                     )
                 self.encoder_maps.append(maps)
 
@@ -223,9 +239,14 @@ class MultiTaskDecoder(nn.Module):
 
     def block(self, stage: int, j: int, skip: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
         """Block ``j`` of ``stage`` for every task: ``xs[t]`` ``[B, h, w, dim]`` -> same shapes;
-        ``skip`` ``[B, h, w, C]`` is the encoder feature of that scale (the source in ``encoder`` mode)."""
+        ``skip`` ``[B, h, w, dim]`` is the (normalised) encoder feature of that scale: the source
+        in ``encoder`` mode, the context of every stream in ``official`` mode."""
         blocks = [self.decoders[t].stages[stage][j] for t in self.tasks]
-        hs = [blk.norm1(x) for blk, x in zip(blocks, xs)]
+        window = blocks[0].window
+        hs = [pad_to_windows(blk.norm1(x), window) for blk, x in zip(blocks, xs)]
+        skip = pad_to_windows(skip, window)
+        if self.shared_attention == "official":
+            hs = [torch.cat([h, skip.to(h.dtype)], dim=-1) for h in hs]
         if self.shared_attention == "none":
             mixed = [blk.map(h, blk.v(h)) for blk, h in zip(blocks, hs)]
         else:
@@ -236,7 +257,8 @@ class MultiTaskDecoder(nn.Module):
             else:
                 shared = self.encoder_maps[stage][j](skip, values)
             mixed = list(shared.split(self.dims[stage], dim=-1))
-        return [blk.residual(x, m) for blk, x, m in zip(blocks, xs, mixed)]
+        height, width = xs[0].shape[1:3]
+        return [blk.residual(x, m[:, :height, :width]) for blk, x, m in zip(blocks, xs, mixed)]
 
     def forward(self, features: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Encoder features, shallow to deep, ``[B, h_i, w_i, C_i]`` (NHWC) -> per task the
@@ -269,7 +291,7 @@ def _check_args(
         raise ValueError(f"tasks must be a non-empty list of distinct names, got {list(tasks)}")
     if mode not in SHARED_ATTENTION_MODES:
         raise ValueError(f"shared_attention: {mode!r} is not allowed; choose one of {list(SHARED_ATTENTION_MODES)}")
-    if mode == "reference" and reference_task not in tasks:
+    if mode in ("reference", "official") and reference_task not in tasks:
         raise ValueError(f"reference_task {reference_task!r} is not among the tasks {list(tasks)}")
     if not (len(channels) == len(resolutions) == len(num_heads)) or not channels:
         raise ValueError(

@@ -109,7 +109,7 @@ def train_loop(cfg: Config, session: Session, opts: LoopOptions, hooks: Sequence
             wait0, bad0 = batches.wait_seconds, batches.bad_samples
             result = train_step(net, combiner, optimizer, scheduler, batches, tasks=cfg.tasks,
                                 accumulation=accumulation, grad_clip=cfg.optim.grad_clip,
-                                device=device, precision=cfg.train.precision)
+                                device=device, precision=cfg.train.precision, normalize=cfg.loss.normalize)
             progress.step += 1
             progress.micro_batch += accumulation
             window.add(result, time.perf_counter() - start, batches.wait_seconds - wait0,
@@ -319,7 +319,8 @@ def validate(cfg: Config, model, device: torch.device, rank: int, world: int,
 
     suite = MetricSuite(cfg.tasks)
     evaluate(model, build_loader(cfg, "val", rank=rank, world_size=world), suite, tasks=cfg.tasks,
-             device=device, precision=cfg.train.precision, max_batches=cfg.train.val_batches)
+             device=device, precision=cfg.train.precision, max_batches=cfg.train.val_batches,
+             normalize=cfg.loss.normalize)
     suite.reduce_()
     values = suite.compute()
     out = {f"{VAL_PREFIX}{t}/{m}": v for t, ms in values.items() for m, v in ms.items()}

@@ -130,14 +130,15 @@ def train_step(
     grad_clip: float | None,
     device: torch.device,
     precision: str = "fp32",
+    normalize: str = "valid",
 ) -> StepResult:
     """One optimizer step over ``accumulation`` micro-batches drawn from ``micro_batches``.
 
     The combined loss (:class:`mult.weighting.LossCombiner`) is divided by ``accumulation`` so
     the gradient is the mean over the global batch; DDP's all-reduce runs only on the last
     micro-batch (``no_sync`` before it). Gradients are clipped to ``grad_clip`` (global L2 norm;
-    ``None`` or <= 0: no clipping). A non-finite loss raises the combiner's
-    :class:`~mult.losses.NonFiniteLossError`.
+    ``None`` or <= 0: no clipping). ``normalize`` is ``loss.normalize``. A non-finite loss raises
+    the combiner's :class:`~mult.losses.NonFiniteLossError`.
     """
     model.train()
     combiner.train()
@@ -152,7 +153,7 @@ def train_step(
         last = index == accumulation - 1
         with model.no_sync() if is_ddp and not last else contextlib.nullcontext():
             preds = predict(model, batch["rgb"], device, precision)
-            losses = task_losses(preds, batch["targets"], batch["valid"], tasks)
+            losses = task_losses(preds, batch["targets"], batch["valid"], tasks, normalize)
             total, details = combiner(losses)
             (total / accumulation).backward()
         samples += int(batch["rgb"].shape[0])
@@ -194,14 +195,16 @@ def evaluate(
     max_batches: int | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
     on_batch: Callable[[dict[str, Any], dict[str, Tensor]], None] | None = None,
+    normalize: str = "valid",
 ) -> EvalCounts:
     """Run ``model`` over ``batches`` (at most ``max_batches``) and feed ``suite``
     (a :class:`~mult.metrics.MetricSuite`) with its predictions and losses.
 
     ``transform`` changes the input images first (a corruption such as blur); ``on_batch(batch,
     preds)`` sees every batch on ``device`` with its float32 predictions (prediction grids,
-    progress bars). The model is unwrapped from DDP, so no collective runs here and ranks may
-    see different batch counts; reduce ``suite`` across ranks afterwards (``suite.reduce_()``).
+    progress bars). The losses are normalised as ``normalize`` says (``loss.normalize``). The
+    model is unwrapped from DDP, so no collective runs here and ranks may see different batch
+    counts; reduce ``suite`` across ranks afterwards (``suite.reduce_()``).
     """
     net = unwrap(model)
     was_training = net.training
@@ -215,7 +218,7 @@ def evaluate(
             if transform is not None:
                 batch["rgb"] = transform(batch["rgb"])
             preds = predict(net, batch["rgb"], device, precision)
-            losses = task_losses(preds, batch["targets"], batch["valid"], tasks)
+            losses = task_losses(preds, batch["targets"], batch["valid"], tasks, normalize)
             suite.update(preds, batch["targets"], batch["valid"], losses)
             counts.samples += int(batch["rgb"].shape[0])
             counts.bad_samples += int(batch.get("bad_samples", 0))
