@@ -90,6 +90,10 @@ class TrainConfig:
     baselines: str | None = None  # JSON of single-task baseline metrics, for delta-m
     max_failures: int = 3
     log_every: int = 10  # optimizer steps between metric reports (each report is a barrier)
+    # a step whose loss or gradient is NaN/inf on any rank: "skip" it on every rank (counted,
+    # and the run fails after max_nonfinite_steps such steps in a row) or "fail" at once
+    nonfinite: Literal["skip", "fail"] = "skip"
+    max_nonfinite_steps: int = 5
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step so that the global batch is reached."""
@@ -117,6 +121,9 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    # how long the training stage waits for the workers to be placed before it fails naming
+    # what it could not get (an autoscaler adding GPU nodes takes minutes)
+    placement_timeout_s: float = 900.0
 
 
 @dataclass
@@ -401,6 +408,7 @@ def validate(cfg: Config) -> None:
         ("train.checkpoint_every", t.checkpoint_every),
         ("train.keep_checkpoints", t.keep_checkpoints),
         ("train.log_every", t.log_every),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps),
         ("scaling.num_workers", cfg.scaling.num_workers),
     ):
         if value < 1:
@@ -410,6 +418,8 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"micro_batch_size x num_workers ({t.micro_batch_size} x {cfg.scaling.num_workers})"
         )
+    if not cfg.scaling.placement_timeout_s > 0:
+        raise ConfigError(f"scaling.placement_timeout_s: must be > 0, got {cfg.scaling.placement_timeout_s}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
     lo_hi = cfg.tune.weight_range

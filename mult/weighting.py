@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from mult.config import Config
-from mult.losses import NonFiniteLossError
 from mult.tasks import TASKS, get_task
 
 
@@ -238,8 +237,9 @@ class LossCombiner(nn.Module):
 
         Returns ``(total, details)``; details hold floats: ``loss/<task>`` (raw loss),
         ``weight/<task>`` (effective multiplier), the strategy's values (``log_var/<task>`` or
-        ``dwa_factor/<task>``) and ``loss/total``. Raises :class:`NonFiniteLossError` when the
-        total is not finite.
+        ``dwa_factor/<task>``) and ``loss/total``. A non-finite total is returned as it is:
+        the training step decides, on every rank together, what to do with it
+        (:func:`describe_losses` words it).
         """
         if not losses:
             raise ValueError(
@@ -263,20 +263,20 @@ class LossCombiner(nn.Module):
         numbers = torch.stack(
             [v.detach().float().reshape(()).to(total.device) for v in values]
         ).tolist()
-        details = dict(zip(names, numbers))
-        if not math.isfinite(details["loss/total"]):
-            per_task = ", ".join(
-                f"{t}={details[f'loss/{t}']:.6g} (weight {details[f'weight/{t}']:.6g})"
-                for t in losses
-            )
-            raise NonFiniteLossError(
-                f"non-finite total loss {details['loss/total']}; per-task losses: {per_task}"
-            )
-        return total, details
+        return total, dict(zip(names, numbers))
 
     def end_epoch(self, mean_losses: Mapping[str, float]) -> None:
         """Hand the strategy one finished epoch's mean loss per task (DWA uses it)."""
         self.strategy.end_epoch(mean_losses)
+
+
+def describe_losses(details: Mapping[str, float]) -> str:
+    """``total=nan; depth_zbuffer=0.75 (weight 1), normal=nan (weight 1)``: a combiner's
+    details for an error message, every task named."""
+    tasks = [k[len("loss/"):] for k in details if k.startswith("loss/") and k != "loss/total"]
+    per_task = ", ".join(f"{t}={details[f'loss/{t}']:.6g} (weight {details.get(f'weight/{t}', math.nan):.6g})"
+                         for t in tasks)
+    return f"total={details.get('loss/total', math.nan):.6g}; {per_task}"
 
 
 def build_loss_combiner(cfg: Config) -> LossCombiner:

@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mult.launch.trainer import fit
 
-    result = fit(plan)
+    try:
+        result = fit(plan)
+    except PreflightError as exc:
+        log.error("%s", exc)
+        return 2
     if result.error is not None:
         log.error("run %s failed: %s", plan.run_name, result.error)
         return 1

@@ -475,6 +475,7 @@ POD_TEMPLATE = _obj(
         "spec": _obj(
             {
                 "serviceAccountName": DNS_LABEL,
+                "terminationGracePeriodSeconds": INT,
                 "securityContext": _obj({"runAsNonRoot": BOOL, "runAsUser": INT, "runAsGroup": INT,
                                          "fsGroup": INT, "seccompProfile": SECCOMP}),
                 "containers": {**_list(CONTAINER), "minItems": 1},
@@ -812,6 +813,49 @@ def test_kuberay_cluster_is_locked_down():
     assert kuberay_security_context_problems(cluster) == []
     assert cluster["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
     assert not cluster["spec"]["headGroupSpec"].get("enableIngress")
+
+
+def kuberay_preemption_problems(cluster: dict[str, Any]) -> list[str]:
+    """Every worker pod's preStop asks the training workers to checkpoint and stop
+    (``mult.launch.preemption stop``), and its grace period leaves room for that wait."""
+    from mult.launch import preemption
+
+    problems = []
+    for group in cluster["spec"].get("workerGroupSpecs", []):
+        pod = group["template"]["spec"]
+        grace = pod.get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+        for container in pod["containers"]:
+            command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+            if command[:4] != ["python", "-m", "mult.launch.preemption", "stop"]:
+                problems.append(f"{group['groupName']}/{container['name']}: preStop must run "
+                                f"`python -m mult.launch.preemption stop`, got {command}")
+                continue
+            wait = preemption.get_args_parser().parse_args(command[3:]).wait
+            if grace < wait + 30:
+                problems.append(f"{group['groupName']}: terminationGracePeriodSeconds {grace} leaves no room "
+                                f"after the preStop's --wait {wait:g} (need >= wait + 30 for `ray stop`)")
+    return problems
+
+
+def test_worker_pods_and_nodes_stop_training_gracefully():
+    assert kuberay_preemption_problems(_load(KUBERAY / "raycluster.yaml")) == []
+    starts = " ".join(_load(CLUSTER / "aws.yaml")["worker_start_ray_commands"])
+    assert "python -m mult.launch.preemption watch-spot" in starts
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error"),
+    [
+        (lambda d: _worker_spec(d)["containers"][0]["lifecycle"]["preStop"]["exec"].update(
+            command=["/bin/sh", "-c", "ray stop"]), "preStop must run"),
+        (lambda d: _worker_spec(d).pop("terminationGracePeriodSeconds"), "terminationGracePeriodSeconds 30"),
+        (lambda d: _worker_spec(d).update(terminationGracePeriodSeconds=200), "--wait 240"),
+    ],
+)
+def test_preemption_checks_reject_broken_copies(mutate, error):
+    cluster = _load(KUBERAY / "raycluster.yaml")
+    mutate(cluster)
+    assert any(error in p for p in kuberay_preemption_problems(cluster))
 
 
 def test_no_secret_is_committed_with_the_cluster_configs():

@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformerBlock
 
 from mult import TASK_NAMES, TASKS, load_config
 from mult.model import (

@@ -210,6 +210,58 @@ def test_bad_input_fails_before_ray(
     assert message in caplog.text
 
 
+class _ReadOnlyBucket(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint whose bucket answers HeadBucket but refuses writes, as a read-only role
+    or a bucket policy does (403 AccessDenied, S3's own error body)."""
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                b"<Message>Access Denied</Message><RequestId>1</RequestId></Error>")
+        self.send_response(403)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_read_only_bucket_fails_preflight(monkeypatch) -> None:
+    """Before, only HeadBucket was called: a read-only bucket passed and failed at the first
+    checkpoint, hours in."""
+    from mult.training.plan import PreflightError, check_storage
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ReadOnlyBucket)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        with pytest.raises(PreflightError, match=r"s3://read-only/runs' is not writable .*AccessDenied"):
+            check_storage("s3://read-only/runs")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_workers_that_cannot_be_placed_fail_naming_the_resources(tmp_path: Path, ray_head) -> None:
+    """Before, Ray Train waited forever for a request the cluster can never place."""
+    result = _run_cli(["--config", "configs/cpu-small.yaml", "--smoke-test", f"train.storage_path={tmp_path}",
+                       "scaling.cpus_per_worker=64", "scaling.placement_timeout_s=2"],
+                      env={"RAY_ADDRESS": ray_head.address}, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "could not place 2 training worker(s) x {'CPU': 64.0} within scaling.placement_timeout_s=2 s" \
+        in result.stderr
+
+
 def test_bad_input_cli_message(tmp_path: Path) -> None:
     result = _run_cli(["--config", "configs/cpu-small.yaml", "loss_weights.normal=-0.5",
                        f"train.storage_path={tmp_path}"])
@@ -385,6 +437,26 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, s3_shards, ray_hea
     resumed_at = int(text.split("resumed from step ")[1].split()[0])
     assert 11 - resumed_at <= 4  # lost at most one checkpoint interval (crash before step 11)
     assert steps == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_worker_checkpoints_and_resumes_there(tmp_path, s3_shards, ray_head) -> None:
+    """SIGTERM to rank 1 (what a spot notice handler or a pod termination sends) mid-run: every
+    rank stops at the next step boundary, rank 0 checkpoints, Ray restarts from that step.
+
+    Without the handler Ray's own SIGTERM handler kills the worker and, with no periodic
+    checkpoint before step 8, the restart begins again at step 0."""
+    name = "e2e-sigterm"
+    proc, log_path = _start_run(tmp_path, name, s3_shards, [
+        "train.max_steps=8", "train.val_every=100", "train.checkpoint_every=100", "train.keep_checkpoints=2",
+    ], env={"MULT_FAULT_AT_STEP": "3", "MULT_FAULT_KIND": "sigterm"})
+    text = _wait(proc, log_path)
+    assert "stopped at step" in text, text[-4000:]
+    stopped = int(text.split("stopped at step ")[1].split()[0])
+    resumed = int(text.split("resumed from step ")[1].split()[0])
+    assert stopped >= 4 and resumed == stopped  # nothing lost: the step in flight finished and was saved
+    assert "finished at step 8" in text
+    assert sorted(_tb_losses(_run_dir(tmp_path, name))) == list(range(1, 9))
 
 
 @pytest.mark.slow

@@ -89,6 +89,16 @@ class RaySession:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
+    def flush(self, metrics: dict[str, float]) -> None:
+        """One more report, without a checkpoint. Ray Train's per-worker result queue holds one
+        report, so this returns only after the controller has taken the previous one (and
+        registered its checkpoint); a worker that raised right after its checkpoint report
+        could otherwise fail the group before the controller saw the checkpoint, and the
+        restart would begin from an older one (seen here: from step 0)."""
+        import ray.train
+
+        ray.train.report(metrics)
+
     def _to_dashboard(self, metrics: dict[str, float]) -> None:
         from ray.util.metrics import Gauge
 
@@ -126,6 +136,40 @@ def _worker_logging() -> None:
         logger.propagate = False
 
 
+def _install_stop_handler() -> bool:
+    from mult.training.interrupts import install_stop_handler
+
+    return install_stop_handler()
+
+
+def torch_config(backend: str):
+    """Ray's ``TorchConfig`` whose backend also installs the SIGTERM stop handler
+    (:mod:`mult.training.interrupts`) in every worker actor when the group starts.
+
+    The training function runs in a thread of the actor, where Python cannot install signal
+    handlers; the backend's ``on_training_start`` runs ``worker_group.execute`` in the actors'
+    main threads, where it can. Without it SIGTERM kills the worker mid-step (Ray's handler).
+    """
+    from ray.train.torch import TorchConfig
+
+    base = TorchConfig().backend_cls
+
+    class _StopOnSigtermBackend(base):  # type: ignore[misc, valid-type]
+        def on_training_start(self, worker_group, backend_config) -> None:
+            super().on_training_start(worker_group, backend_config)
+            installed = worker_group.execute(_install_stop_handler)
+            if not all(installed):
+                log.warning("the SIGTERM stop handler could not be installed on %d of %d workers: SIGTERM "
+                            "kills those mid-step", installed.count(False), len(installed))
+
+    class _TorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _StopOnSigtermBackend
+
+    return _TorchConfig(backend=backend)
+
+
 def build_trainer(plan: RunPlan, callbacks: list | None = None, controller_failure_limit: int = -1):
     """The ``TorchTrainer`` for a prepared plan (Tune wraps this, adding its callback).
 
@@ -133,19 +177,17 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, controller_failu
     tolerated before the run fails; -1 (Ray's default) retries forever. Tune trials set it.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     cfg = plan.cfg
     s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
+    resources = worker_resources(cfg)
     options = dataclasses.asdict(plan.loop_options())
     options["local_dir"] = str(options["local_dir"])
     return TorchTrainer(
         train_func,
         train_loop_config={"config": to_dict(cfg), "options": options},
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        torch_config=torch_config("nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=plan.run_name,
@@ -162,11 +204,46 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, controller_failu
     )
 
 
+def worker_resources(cfg) -> dict[str, float]:
+    """One training worker's Ray resources."""
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return resources
+
+
+def wait_for_placement(cfg, timeout_s: float) -> None:
+    """Reserve the workers' resources once, as Ray Train will (one bundle per worker), and give
+    them back; :class:`~mult.training.plan.PreflightError` naming what is missing when that
+    does not happen within ``timeout_s``. Ray Train itself would wait forever for a request the
+    cluster can never place."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from mult.training.plan import PreflightError
+
+    n, resources = cfg.scaling.num_workers, worker_resources(cfg)
+    group = placement_group([dict(resources) for _ in range(n)], strategy="PACK")
+    try:
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+        if not ready:
+            raise PreflightError(
+                f"could not place {n} training worker(s) x {resources} within scaling.placement_timeout_s="
+                f"{timeout_s:g} s; the cluster has {ray.cluster_resources()} in all, {ray.available_resources()} "
+                "free now. Lower scaling.num_workers, scaling.cpus_per_worker or scaling.gpus_per_worker, add "
+                "nodes, or raise scaling.placement_timeout_s while an autoscaler is still adding them")
+    finally:
+        remove_placement_group(group)
+
+
 def fit(plan: RunPlan, callbacks: list | None = None):
-    """Join Ray (or start it) and run the trainer; returns Ray's ``Result``."""
+    """Join Ray (or start it), check that the workers can be placed, and run the trainer;
+    returns Ray's ``Result``."""
     # The job-wide runtime env (S3 endpoint, RAY_ADDRESS) reaches the Train controller and its
     # placement-group cleaner too, not only the workers; a new local instance gets the dashboard.
     init_ray(local_dashboard=True)
+    wait_for_placement(plan.cfg, plan.cfg.scaling.placement_timeout_s)
     log.info("%s run %s -> %s (local files in %s)",
              "resuming" if plan.resume else "starting", plan.run_name, plan.run_url, plan.local_dir)
     return build_trainer(plan, callbacks).fit()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import tempfile
 import time
@@ -34,12 +33,14 @@ import torch
 import torch.distributed as dist
 
 from mult.config import Config, from_dict
+from mult.training.faults import FAULT_MARKER, FaultSwitch
+from mult.training.interrupts import Preempted, stop_on_signal, stop_reason, stop_requested
+from mult.training.nonfinite import NonFiniteGuard, warn_if_replaying
 from mult.training.session import Hook, Session
 from mult.training.step import StepResult, TimedIterator
 
 log = logging.getLogger(__name__)
 
-FAULT_MARKER = "fault_fired"
 VAL_PREFIX = "val/"  # a report's validation metrics are "val/<task>/<metric>"
 
 
@@ -50,7 +51,8 @@ class LoopOptions:
     local_dir: Path  # rank 0's TensorBoard, loss curve and metrics address
     run_url: str | None = None  # the run in storage; telemetry is copied there when it is on S3
     baselines: dict[str, dict[str, float]] | None = None  # for Delta-m at validation
-    fault_at_step: int | None = None  # test-only: see FaultSwitch
+    fault_at_step: int | None = None  # test-only: see mult.training.faults
+    fault_kind: str = "exit"
     telemetry: bool = True  # rank 0 serves Prometheus, writes TensorBoard and the PNG
 
 
@@ -63,6 +65,7 @@ class Progress:
     micro_batch: int = 0  # micro-batches consumed in this epoch, on every rank
     bad_samples: int = 0  # summed over ranks
     samples: int = 0  # summed over ranks
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
     history: list[dict[str, float]] = field(default_factory=list)  # rank 0's loss curve rows
     val_history: list[dict[str, float]] = field(default_factory=list)
     epoch_sums: dict[str, list[float]] = field(default_factory=dict)  # task -> [sum, count]
@@ -88,61 +91,93 @@ def train_loop(cfg: Config, session: Session, opts: LoopOptions, hooks: Sequence
         if directory is not None:
             progress = restore(directory, cfg, model, optimizer, scheduler, combiner, rank, world)
     resumed_from = progress.step
+    if directory is not None and rank == 0:
+        warn_if_replaying(opts.run_url, step=progress.step, epoch=progress.epoch, micro_batch=progress.micro_batch)
     net = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     accumulation = cfg.train.accumulation(world)
-    hooks = [*_default_hooks(cfg, opts, rank, world, progress), *hooks]
+    hooks = [*_default_hooks(cfg, opts, rank, world, progress, model), *hooks]
+    guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_steps, rank=rank, world=world,
+                           run_url=opts.run_url)
     window = MetricWindow(cfg.tasks)
     batches: TimedIterator | None = None
     metrics: dict[str, float] = {}
     last_val = math.nan
     try:
-        while progress.step < cfg.train.max_steps:
-            if batches is None:
-                batches, epoch_length = _open_epoch(cfg, progress, rank, world)
-            if progress.micro_batch >= epoch_length:
-                _end_epoch(progress, combiner)
-                batches, epoch_length = _open_epoch(cfg, progress, rank, world)
-            for hook in hooks:
-                hook.before_step(progress.step)
-            start = time.perf_counter()
-            wait0, bad0 = batches.wait_seconds, batches.bad_samples
-            result = train_step(net, combiner, optimizer, scheduler, batches, tasks=cfg.tasks,
-                                accumulation=accumulation, grad_clip=cfg.optim.grad_clip,
-                                device=device, precision=cfg.train.precision, normalize=cfg.loss.normalize)
-            progress.step += 1
-            progress.micro_batch += accumulation
-            window.add(result, time.perf_counter() - start, batches.wait_seconds - wait0,
-                       batches.bad_samples - bad0)
-            step = progress.step
-            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
-            is_val = is_ckpt or step % cfg.train.val_every == 0
-            if not (is_val or step % cfg.train.log_every == 0 or progress.micro_batch >= epoch_length):
-                continue
-            metrics = window.reduce(device, world, progress)
-            metrics.update(step=step, epoch=progress.epoch, lr=result.lr, resumed_from_step=resumed_from)
-            if is_val:
-                val = validate(cfg, net, device, rank, world, opts.baselines)
-                # without validation data the objective falls back to the training loss
-                last_val = val.get("val_objective", metrics["loss/total"])
-                metrics.update(val)
-                progress.val_history.append({"step": step, "objective": last_val})
-            metrics["val_objective"] = last_val
-            if rank == 0:
-                progress.history.append({"step": step, **{k[5:]: v for k, v in metrics.items()
-                                                         if k.startswith("loss/")}})
-            with tempfile.TemporaryDirectory(prefix="mult-ckpt-") as tmp:
-                directory = None
-                if is_ckpt:
-                    rng = _gather_rng(world)
-                    if rank == 0:
-                        directory = _save(Path(tmp), cfg, model, optimizer, scheduler, combiner, progress,
-                                          rng, metrics, last_val)
-                _report(session, hooks, metrics, directory)
+        with stop_on_signal():
+            while progress.step < cfg.train.max_steps:
+                if batches is None:
+                    batches, epoch_length = _open_epoch(cfg, progress, rank, world)
+                if progress.micro_batch >= epoch_length:
+                    _end_epoch(progress, combiner)
+                    batches, epoch_length = _open_epoch(cfg, progress, rank, world)
+                for hook in hooks:
+                    hook.before_step(progress.step)
+                start = time.perf_counter()
+                wait0, bad0 = batches.wait_seconds, batches.bad_samples
+                result = train_step(net, combiner, optimizer, scheduler, batches, tasks=cfg.tasks,
+                                    accumulation=accumulation, grad_clip=cfg.optim.grad_clip, device=device,
+                                    precision=cfg.train.precision, normalize=cfg.loss.normalize,
+                                    on_nonfinite="skip", stop_requested=stop_requested())
+                skipped = guard.check(result, step=progress.step + 1, epoch=progress.epoch,
+                                      micro_batch=progress.micro_batch, accumulation=accumulation)
+                progress.micro_batch += accumulation
+                if skipped:
+                    progress.nonfinite_steps += 1
+                else:
+                    progress.step += 1
+                    window.add(result, time.perf_counter() - start, batches.wait_seconds - wait0,
+                               batches.bad_samples - bad0)
+                metrics, last_val = _after_step(cfg, opts, session, hooks, net, model, optimizer, scheduler,
+                                                combiner, progress, window, result, epoch_length, resumed_from,
+                                                metrics, last_val)
     finally:
         for hook in hooks:
             hook.close()
     return metrics
+
+
+def _after_step(cfg: Config, opts: LoopOptions, session: Session, hooks: Sequence[Hook], net, model, optimizer,
+                scheduler, combiner, progress: Progress, window: "MetricWindow", result: StepResult,
+                epoch_length: int, resumed_from: int, metrics: dict[str, float],
+                last_val: float) -> tuple[dict[str, float], float]:
+    """Report, validate and checkpoint when this step calls for it; after a stop request,
+    checkpoint now and raise :class:`~mult.training.interrupts.Preempted`."""
+    rank, world, device = session.rank, session.world_size, session.device
+    step = progress.step
+    if result.skipped and not result.stop:
+        return metrics, last_val  # nothing new to report; the window has no entry for it
+    is_ckpt = result.stop or step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
+    is_val = not result.stop and (is_ckpt or step % cfg.train.val_every == 0)
+    if not (is_ckpt or is_val or step % cfg.train.log_every == 0 or progress.micro_batch >= epoch_length):
+        return metrics, last_val
+    metrics = window.reduce(device, world, progress)
+    metrics.update(step=step, epoch=progress.epoch, lr=result.lr, resumed_from_step=resumed_from,
+                   nonfinite_steps_total=float(progress.nonfinite_steps))
+    if is_val:
+        val = validate(cfg, net, device, rank, world, opts.baselines)
+        # without validation data the objective falls back to the training loss
+        last_val = val.get("val_objective", metrics["loss/total"])
+        metrics.update(val)
+        progress.val_history.append({"step": step, "objective": last_val})
+    metrics["val_objective"] = last_val
+    if rank == 0:
+        progress.history.append({"step": step, **{k[5:]: v for k, v in metrics.items() if k.startswith("loss/")}})
+    with tempfile.TemporaryDirectory(prefix="mult-ckpt-") as tmp:
+        directory = None
+        if is_ckpt:
+            rng = _gather_rng(world)
+            if rank == 0:
+                directory = _save(Path(tmp), cfg, model, optimizer, scheduler, combiner, progress, rng, metrics,
+                                  last_val)
+        _report(session, hooks, metrics, directory)
+    if result.stop:
+        session.flush(metrics)
+        reason = stop_reason() or "a stop request on another rank"
+        log.warning("rank %d: stopped at step %d after %s; checkpoint written, the run restarts from it",
+                    rank, step, reason)
+        raise Preempted(f"stopped at step {step} after {reason}; the checkpoint of step {step} was written")
+    return metrics, last_val
 
 
 def _report(session: Session, hooks: Sequence[Hook], metrics: dict[str, Any], directory: Path | None) -> None:
@@ -155,10 +190,11 @@ def _report(session: Session, hooks: Sequence[Hook], metrics: dict[str, Any], di
         hook.after_report(metrics, seconds)
 
 
-def _default_hooks(cfg: Config, opts: LoopOptions, rank: int, world: int, progress: Progress) -> list[Hook]:
+def _default_hooks(cfg: Config, opts: LoopOptions, rank: int, world: int, progress: Progress,
+                   model: torch.nn.Module) -> list[Hook]:
     hooks: list[Hook] = []
     if opts.fault_at_step is not None and rank == min(1, world - 1):
-        hooks.append(FaultSwitch(opts.fault_at_step, opts.local_dir))
+        hooks.append(FaultSwitch(opts.fault_at_step, opts.local_dir, kind=opts.fault_kind, model=model))
     if rank == 0 and opts.telemetry:
         from mult.training.telemetry import RankZeroTelemetry
 
@@ -184,7 +220,8 @@ def _save(directory: Path, cfg: Config, model, optimizer, scheduler, combiner, p
         combiner=combiner,
         data_position={"epoch": progress.epoch, "micro_batch": progress.micro_batch,
                        "epoch_sums": progress.epoch_sums},
-        rng=rng, counters={"bad_samples": progress.bad_samples, "samples": progress.samples},
+        rng=rng, counters={"bad_samples": progress.bad_samples, "samples": progress.samples,
+                           "nonfinite_steps": progress.nonfinite_steps},
         history=progress.history,
         meta={"val_objective": last_val, "val_history": progress.val_history,
               **{k: v for k, v in metrics.items() if k.startswith(("val/", "delta_m"))}},
@@ -219,6 +256,7 @@ def restore(directory: Path, cfg: Config, model, optimizer, scheduler, combiner,
     meta = ckpt.read_meta(directory)
     progress = Progress(step=int(payload["step"]), epoch=int(pos["epoch"]), micro_batch=int(pos["micro_batch"]),
                         bad_samples=int(counters.get("bad_samples", 0)), samples=int(counters.get("samples", 0)),
+                        nonfinite_steps=int(counters.get("nonfinite_steps", 0)),
                         history=list(state.get("history", [])), val_history=list(meta.get("val_history", [])),
                         epoch_sums={t: list(v) for t, v in pos.get("epoch_sums", {}).items()})
     log.info("rank %d resumed from step %d (epoch %d, micro-batch %d)", rank, progress.step, progress.epoch,
@@ -352,20 +390,3 @@ def _gather_rng(world: int) -> list[dict[str, Any]]:
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, state)
     return gathered
-
-
-class FaultSwitch(Hook):
-    """Test-only (``MULT_FAULT_AT_STEP``): this rank exits hard, once, when it reaches ``step``;
-    a marker file in ``local_dir`` keeps it from firing again after the restart."""
-
-    def __init__(self, step: int, local_dir: Path) -> None:
-        self.step = step
-        self.marker = Path(local_dir) / FAULT_MARKER
-
-    def before_step(self, step: int) -> None:
-        if step != self.step or self.marker.exists():
-            return
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
-        self.marker.write_text(str(step))
-        log.error("fault switch at step %d: this rank exits hard (test-only)", step)
-        os._exit(17)

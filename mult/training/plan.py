@@ -8,8 +8,9 @@ resumes a run whose name it finds in storage; ``resume`` continues the most rece
 ``run_name`` (or the one named).
 
 Test-only fault switch: ``MULT_FAULT_AT_STEP=N`` in the driver's environment makes rank 1
-(rank 0 on one worker) exit hard, once, when it reaches optimizer step N
-(:class:`mult.training.loop.FaultSwitch`).
+(rank 0 on one worker) exit hard, send itself SIGTERM or poison one weight
+(``MULT_FAULT_KIND=exit|sigterm|nan``), once, when it reaches optimizer step N
+(:class:`mult.training.faults.FaultSwitch`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from typing import Any
 
 from mult.config import Config, ConfigError, derive
 from mult.metrics import Baselines, check_baselines
+from mult.training.faults import FAULT_KINDS
 from mult.training.loop import LoopOptions
 
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "MULT_FAULT_AT_STEP"
+FAULT_KIND_ENV = "MULT_FAULT_KIND"  # exit | sigterm | nan
 SMOKE_MAX_STEPS = 4
 
 
@@ -48,6 +51,7 @@ class RunPlan:
     resume: bool
     baselines: dict[str, dict[str, float]] | None = None
     fault_at_step: int | None = None
+    fault_kind: str = "exit"
 
     @property
     def run_url(self) -> str:
@@ -56,7 +60,7 @@ class RunPlan:
     def loop_options(self) -> LoopOptions:
         """What the workers' loop needs besides the config."""
         return LoopOptions(local_dir=self.local_dir, run_url=self.run_url, baselines=self.baselines,
-                           fault_at_step=self.fault_at_step)
+                           fault_at_step=self.fault_at_step, fault_kind=self.fault_kind)
 
 
 def resolve_storage(url: str) -> str:
@@ -93,6 +97,28 @@ def check_storage(url: str) -> None:
             f"train.storage_path {url!r}: bucket {bucket!r} is not reachable at {endpoint} "
             f"({type(exc).__name__}: {exc}); check the URL, AWS_ENDPOINT_URL and credentials"
         ) from exc
+    probe_write(url, "train.storage_path")
+
+
+def probe_write(url: str, key: str) -> None:
+    """Write a small object under ``url`` and delete it: a bucket that can be read but not
+    written (a read-only role, a bucket policy, an expired session) fails here, before any
+    worker starts, instead of at the first checkpoint hours later."""
+    from mult.data.storage import open_storage
+
+    name = f".mult-preflight-{secrets.token_hex(6)}"
+    storage = open_storage(url)
+    try:
+        storage.write_bytes(name, b"mult pre-flight write probe; safe to delete\n")
+    except Exception as exc:
+        raise PreflightError(f"{key} {url!r} is not writable ({type(exc).__name__}: {exc}); checkpoints "
+                             "and logs go there: check the credentials' s3:PutObject permission") from exc
+    try:
+        storage.delete(name)
+    except Exception as exc:
+        raise PreflightError(f"{key} {url!r}: wrote {name} but could not delete it ({type(exc).__name__}: "
+                             f"{exc}); Ray Train deletes old checkpoints there (train.keep_checkpoints): check "
+                             "the s3:DeleteObject permission") from exc
 
 
 def check_shards(url: str, key: str, tasks: list[str]) -> int:
@@ -179,7 +205,10 @@ def prepare(cfg: Config, *, resume: str | bool = False) -> RunPlan:
         fault_at_step = int(fault) if fault else None
     except ValueError:
         raise ConfigError(f"{FAULT_ENV}={fault!r}: must be an integer step (test-only switch)") from None
-    return RunPlan(cfg, run_name, storage_url, local_dir, bool(resume), baselines, fault_at_step)
+    fault_kind = os.environ.get(FAULT_KIND_ENV, "exit")
+    if fault_kind not in FAULT_KINDS:
+        raise ConfigError(f"{FAULT_KIND_ENV}={fault_kind!r}: choose one of {list(FAULT_KINDS)} (test-only switch)")
+    return RunPlan(cfg, run_name, storage_url, local_dir, bool(resume), baselines, fault_at_step, fault_kind)
 
 
 def smoke_config(cfg: Config) -> Config:

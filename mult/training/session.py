@@ -32,6 +32,10 @@ class Session(Protocol):
         """Hand over one report (every rank, same number of times); ``checkpoint_dir`` is rank
         0's new checkpoint, or None."""
 
+    def flush(self, metrics: dict[str, float]) -> None:
+        """Return once the launcher has taken in every report so far (every rank calls it):
+        before stopping, so that the last checkpoint is the one a restart gets."""
+
 
 class LocalSession:
     """A session without Ray: one process, or one rank of a ``torchrun`` job.
@@ -68,6 +72,9 @@ class LocalSession:
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         self.reports += 1
         self.last = dict(metrics)
+
+    def flush(self, metrics: dict[str, float]) -> None:
+        """Reports are taken in at once here."""
 
 
 class Hook:

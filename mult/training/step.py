@@ -11,6 +11,7 @@ only when ``torch.distributed`` is initialised.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -19,7 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mult.losses import NonFiniteLossError
 from mult.tasks import task_losses
+from mult.weighting import describe_losses
 
 Batch = Mapping[str, Any]  # a loader batch: "key", "rgb" [B, 3, H, W], "targets", "valid", "bad_samples"
 
@@ -91,7 +94,12 @@ class TimedIterator:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class StepResult:
-    """What one optimizer step did. Losses are this rank's means over its micro-batches."""
+    """What one optimizer step did. Losses are this rank's means over its micro-batches.
+
+    ``skipped``: a loss or the gradient norm was not finite on some rank, so no rank updated
+    its weights (``nonfinite_ranks`` of them saw a non-finite loss; ``problem`` words this
+    rank's). ``stop``: some rank asked to stop (:mod:`mult.training.interrupts`).
+    """
 
     loss: float
     task_losses: dict[str, float]
@@ -99,6 +107,11 @@ class StepResult:
     lr: float
     samples: int  # this rank's samples in the step
     details: dict[str, float] = field(default_factory=dict)  # the combiner's extras (weights)
+    skipped: bool = False
+    nonfinite_ranks: int = 0
+    stop: bool = False
+    keys: list[str] = field(default_factory=list)  # this rank's sample keys, for error messages
+    problem: str = ""
 
 
 def _average_gradients(params: list[nn.Parameter]) -> None:
@@ -118,6 +131,17 @@ def _average_gradients(params: list[nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def _agree(nonfinite: bool, stop: bool, device: torch.device) -> tuple[int, bool]:
+    """How many ranks saw a non-finite loss, and whether any asked to stop: one all-reduce of
+    two numbers, so that every rank takes the same branch (a rank that skipped alone, or
+    stopped alone, would leave the others waiting in DDP's next all-reduce)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(nonfinite), stop
+    flags = torch.tensor([float(nonfinite), float(stop)], device=device)
+    dist.all_reduce(flags)
+    return int(flags[0].item()), bool(flags[1].item() > 0)
+
+
 def train_step(
     model: nn.Module,
     combiner: nn.Module,
@@ -131,15 +155,25 @@ def train_step(
     device: torch.device,
     precision: str = "fp32",
     normalize: str = "valid",
+    on_nonfinite: str = "raise",
+    stop_requested: bool = False,
 ) -> StepResult:
     """One optimizer step over ``accumulation`` micro-batches drawn from ``micro_batches``.
 
     The combined loss (:class:`mult.weighting.LossCombiner`) is divided by ``accumulation`` so
     the gradient is the mean over the global batch; DDP's all-reduce runs only on the last
     micro-batch (``no_sync`` before it). Gradients are clipped to ``grad_clip`` (global L2 norm;
-    ``None`` or <= 0: no clipping). ``normalize`` is ``loss.normalize``. A non-finite loss raises
-    the combiner's :class:`~mult.losses.NonFiniteLossError`.
+    ``None`` or <= 0: no clipping). ``normalize`` is ``loss.normalize``.
+
+    A NaN or infinite loss on any rank, or a non-finite gradient norm, is decided by all ranks
+    together (:func:`_agree`; the norm is the same everywhere after DDP's all-reduce): no rank
+    steps the optimizer or the schedule. ``on_nonfinite="raise"`` then raises
+    :class:`~mult.losses.NonFiniteLossError` on every rank; ``"skip"`` returns the result with
+    ``skipped`` set and lets the caller decide (the training loop's ``train.nonfinite``).
+    ``stop_requested`` (this rank was asked to stop) travels in the same all-reduce.
     """
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     model.train()
     combiner.train()
     combiner_params = [p for p in combiner.parameters() if p.requires_grad]
@@ -147,6 +181,8 @@ def train_step(
     total_loss = 0.0
     samples = 0
     details: dict[str, float] = {}
+    keys: list[str] = []
+    problem = ""
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     for index in range(accumulation):
         batch = to_device(next(micro_batches), device)
@@ -155,23 +191,39 @@ def train_step(
             preds = predict(model, batch["rgb"], device, precision)
             losses = task_losses(preds, batch["targets"], batch["valid"], tasks, normalize)
             total, details = combiner(losses)
+            # backward even when the loss is not finite: every rank must enter DDP's all-reduce
             (total / accumulation).backward()
+        batch_keys = [str(k) for k in batch.get("key", [])]
+        keys += batch_keys
+        if not problem and not math.isfinite(details["loss/total"]):
+            problem = f"{describe_losses(details)}; samples {batch_keys}"
         samples += int(batch["rgb"].shape[0])
         # the combiner already copied its numbers to the host once; reuse them
         total_loss += details["loss/total"] / accumulation
         for t in losses:  # a dataset may lack some tasks' labels
             totals[t] = totals.get(t, 0.0) + details[f"loss/{t}"] / accumulation
+    nonfinite_ranks, stop = _agree(bool(problem), stop_requested, device)
     if combiner_params:
         _average_gradients(combiner_params)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip is not None and grad_clip > 0 else float("inf")
     norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     lr = optimizer.param_groups[0]["lr"]
+    skipped = nonfinite_ranks > 0 or not math.isfinite(norm)
+    if skipped:
+        problem = problem or (f"gradient norm {norm} with finite losses ({totals})" if nonfinite_ranks == 0
+                              else "this rank's losses were finite")
+        optimizer.zero_grad(set_to_none=True)
+        if on_nonfinite == "raise":
+            raise NonFiniteLossError(f"non-finite loss or gradient ({nonfinite_ranks} rank(s) with a non-finite "
+                                     f"loss); this rank: {problem}")
+        return StepResult(total_loss, totals, norm, lr, samples, details, skipped=True,
+                          nonfinite_ranks=nonfinite_ranks, stop=stop, keys=keys, problem=problem)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
-    return StepResult(total_loss, totals, norm, lr, samples, details)
+    return StepResult(total_loss, totals, norm, lr, samples, details, stop=stop, keys=keys)
 
 
 # --------------------------------------------------------------------------------------------
