@@ -1,15 +1,18 @@
 """Convert a dataset tree to WebDataset shards, or inspect shards.
 
     python -m pipelines.shard --format taskonomy --source DIR --out s3://bucket/prefix \\
-        [--split train --split-file CSV] [--samples-per-shard 256] [--resize 256] \\
-        [--max-bad N] [--max-bad-fraction 0.05]
+        [--tasks normal,depth_zbuffer,...] [--split train --split-file CSV] [--samples-per-shard 256] \\
+        [--resize 256] [--max-bad N] [--max-bad-fraction 0.05]
     python -m pipelines.shard inspect URL [--key KEY]
 
 Conversion runs one Ray task per group (building, scene, run, map): ``ray.init()`` joins the
 cluster at ``RAY_ADDRESS`` when set, else starts a local instance with 2 CPUs. It is resumable:
 rerun the same command after a kill and only unfinished groups are redone. Corrupt and missing
 files go to ``report.json`` next to the shards; the run fails (exit code 2, no manifest) only
-past ``--max-bad`` files or ``--max-bad-fraction`` of the files.
+past ``--max-bad`` files or ``--max-bad-fraction`` of the files. ``--tasks`` (default: every
+task found in the tree) chooses what is converted: only a missing ``rgb`` or a missing file of
+one of these tasks is a bad file; ``mask_valid`` and ``point_info`` are kept when present and
+never missing. The manifest records each shard's tasks.
 
 ``inspect URL`` prints the manifest summary as JSON; ``--key KEY`` prints one JSON object with
 per-domain statistics of that sample over valid pixels, in physical units (depth in metres,
@@ -35,6 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=DATASET_NAMES, help="source dataset format")
     parser.add_argument("--source", help="dataset root directory")
     parser.add_argument("--out", help="output: a local directory or s3://bucket/prefix")
+    parser.add_argument("--tasks", type=_task_list, default=None, metavar="T1,T2,...",
+                        help="tasks to convert (default: every task found in the tree)")
     parser.add_argument("--split", default=None, help="keep one split (train/val/test; format-specific)")
     parser.add_argument("--split-file", default=None, help="split table (Taskonomy CSV, NYU splits.mat, ...)")
     parser.add_argument("--samples-per-shard", type=int, default=256)
@@ -62,6 +67,17 @@ def get_inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument("url", help="shard directory or s3://bucket/prefix")
     parser.add_argument("--key", default=None, help="a sample key: print its per-domain statistics")
     return parser
+
+
+def _task_list(text: str) -> list[str]:
+    from mult.tasks import TASK_NAMES
+
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASK_NAMES]
+    if not tasks or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown or no task(s) {unknown}; valid tasks: "
+                                         f"{', '.join(TASK_NAMES)}")
+    return tasks
 
 
 def _local_map(fn: Callable[[str], dict], groups: Sequence[str]) -> list[dict]:
@@ -112,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     settings = ShardSettings(format=args.format, source=source_path(args.source), split=args.split,
                              split_file=source_path(args.split_file) if args.split_file else None,
-                             samples_per_shard=args.samples_per_shard, resize=args.resize, check=args.check)
+                             samples_per_shard=args.samples_per_shard, resize=args.resize, check=args.check,
+                             tasks=args.tasks)
     max_fraction = None if args.max_bad_fraction is not None and args.max_bad_fraction < 0 else args.max_bad_fraction
     if args.smoke_test:
         groups, _ = prepare(settings, args.out, overwrite=args.overwrite)
