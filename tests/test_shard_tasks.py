@@ -53,6 +53,9 @@ def test_original_layout_converts_with_default_flags(tmp_path: Path) -> None:
     assert all(s["tasks"] == ALL_TASKS for s in manifest["shards"])
     report = json.loads((tmp_path / "o" / sh.REPORT_NAME).read_text())
     assert report["bad_count"] == 0 and report["counted_tasks"] == ALL_TASKS
+    resized = _convert(original, tmp_path / "r", "--resize", "16")  # decodes every view, no mask to respect
+    assert resized["bad_count"] == 0 and resized["tasks"] == ALL_TASKS
+    assert len(_eval_batch(tmp_path / "r")["key"]) == 4
 
     # Without mask_valid each target's validity comes from its own encoding. On the same views
     # rendered with the mask, depth (65535 = no surface), normals (128,128,128 holes) and labels
