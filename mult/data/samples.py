@@ -48,6 +48,15 @@ def read_manifest(url: str) -> dict[str, Any]:
     return manifest
 
 
+def manifest_summary(url: str) -> dict[str, Any]:
+    """What ``pipelines.shard inspect URL`` prints: the manifest without its shard list."""
+    m = read_manifest(url)
+    return {"url": url, "format": m["format"], "encoding": m["encoding"], "format_version": m["format_version"],
+            "image_size": m.get("image_size"), "split": m.get("split"), "tasks": m["tasks"],
+            "task_counts": m.get("task_counts"), "domains": m.get("domains"), "num_shards": len(m["shards"]),
+            "num_samples": m["num_samples"], "bytes": m.get("bytes"), "bad_count": m.get("bad_count")}
+
+
 def shard_tasks(manifest: dict[str, Any]) -> dict[str, list[str]]:
     """Each shard's tasks. Shards converted before these were recorded (no ``tasks`` entry)
     are taken to have the manifest's tasks, which is what every reader assumed then."""
