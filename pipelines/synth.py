@@ -5,7 +5,8 @@
 Formats: every dataset of :data:`mult.data.datasets.DATASETS` (``taskonomy`` with
 ``--layout plain|omnidata``, ``replica`` in omnidata's layout, ``nyu`` as
 ``nyu_depth_v2_labeled.mat`` + ``splits.mat``, ``cocodoom`` as ``run*/map*/...``). The same
-``--seed`` writes the same bytes.
+``--seed`` writes the same bytes. ``--no-auxiliary`` (taskonomy, replica) leaves out the
+``mask_valid`` and ``point_info`` folders, as Taskonomy's own release does.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=("plain", "omnidata"), default=None,
                         help="taskonomy only: with or without omnidata's taskonomy/ level (default: omnidata)")
+    parser.add_argument("--no-auxiliary", dest="auxiliary", action="store_const", const=False, default=None,
+                        help="taskonomy, replica: no mask_valid or point_info folders (Taskonomy's own release)")
     parser.add_argument("--workers", type=_positive, default=None,
                         help="taskonomy, replica: render processes (default: one per core)")
     parser.add_argument("--smoke-test", action="store_true",
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     try:
         summary = get_dataset(args.format).generate(args.out, scenes=args.scenes, views=args.views, size=args.size,
-                                                    seed=args.seed, layout=args.layout, workers=args.workers)
+                                                    seed=args.seed, layout=args.layout, workers=args.workers,
+                                                    auxiliary=args.auxiliary)
     except ValueError as exc:  # an option this format's generator does not take, a bad size
         raise SystemExit(f"error: {exc}") from None
     elapsed = time.perf_counter() - start

@@ -138,6 +138,7 @@ class CocoDoomReader:
     """
 
     format = "cocodoom"
+    domain_tasks: dict[str, str] = {"depth": "depth_zbuffer", "objects": "segment_semantic"}
 
     def __init__(
         self,
@@ -202,6 +203,11 @@ class CocoDoomReader:
 
     def groups(self) -> list[str]:
         return list(self._tics)
+
+    def tasks_found(self) -> list[str]:
+        """Tasks whose folder (``depth``, ``objects``) exists under any of the groups read."""
+        return [task for domain, task in self.domain_tasks.items()
+                if any((self.root / group / domain).is_dir() for group in self._tics)]
 
     def views(self, group: str) -> Iterator[View]:
         if group not in self._tics:

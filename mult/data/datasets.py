@@ -78,7 +78,7 @@ DATASETS: dict[str, DatasetSpec] = {
             reader="mult.data.taskonomy:TaskonomyReader",
             to_raw="mult.data.taskonomy:taskonomy_to_raw",
             generator="mult.data.synth.taskonomy:write_taskonomy",
-            generator_options=("layout", "workers"),
+            generator_options=("layout", "workers", "auxiliary"),
             style=StyleParams(
                 name="taskonomy",
                 room_size=(3.5, 6.5), room_height=(2.5, 3.0), objects=(5, 9), size_scale=(0.9, 1.1),
@@ -99,7 +99,7 @@ DATASETS: dict[str, DatasetSpec] = {
             reader="mult.data.taskonomy:ReplicaReader",
             to_raw="mult.data.taskonomy:taskonomy_to_raw",
             generator="mult.data.synth.taskonomy:write_replica",
-            generator_options=("workers",),
+            generator_options=("workers", "auxiliary"),
             style=StyleParams(
                 name="replica",
                 room_size=(4.0, 8.0), room_height=(2.6, 3.2), objects=(4, 7), size_scale=(1.1, 1.4),

@@ -84,6 +84,10 @@ class NYUReader:
     """
 
     format = "nyu"
+    # label_nyu894 (fine labels kept when the 40-class map is absent) is the segmentation's
+    # source too, although to_raw yields no segment_semantic from it.
+    domain_tasks: dict[str, str] = {"depth_zbuffer": "depth_zbuffer", "segment_nyu40": "segment_semantic",
+                                    "label_nyu894": "segment_semantic"}
 
     def __init__(
         self,
@@ -156,6 +160,11 @@ class NYUReader:
                 f"but {self.mat_path} has {self.count}"
             )
         return sorted(int(i) for i in indices)
+
+    def tasks_found(self) -> list[str]:
+        """``depth_zbuffer`` when the file has ``depths``, ``segment_semantic`` when it has ``labels``."""
+        found = {"depths": "depth_zbuffer", "labels": "segment_semantic"}
+        return [task for name, task in found.items() if name in self.present]
 
     def groups(self) -> list[str]:
         n = -(-len(self.indices) // self.group_size)

@@ -40,7 +40,40 @@ def read_manifest(url: str) -> dict[str, Any]:
                          f"this code reads up to {FORMAT_VERSION}")
     if manifest["encoding"] not in (ENCODING_ORIGINAL, ENCODING_TASKONOMY):
         raise ValueError(f"unknown shard encoding {manifest['encoding']!r}")
+    for shard in manifest["shards"]:
+        extra = [t for t in shard.get("tasks", ()) if t not in manifest["tasks"]]
+        if extra or not isinstance(shard.get("tasks", []), list):
+            raise ValueError(f"{storage.url(MANIFEST_NAME)}: shard {shard.get('name')!r} lists tasks "
+                             f"{shard.get('tasks')!r}, not a list within the manifest's {manifest['tasks']}")
     return manifest
+
+
+def manifest_summary(url: str) -> dict[str, Any]:
+    """What ``pipelines.shard inspect URL`` prints: the manifest without its shard list."""
+    m = read_manifest(url)
+    return {"url": url, "format": m["format"], "encoding": m["encoding"], "format_version": m["format_version"],
+            "image_size": m.get("image_size"), "split": m.get("split"), "tasks": m["tasks"],
+            "task_counts": m.get("task_counts"), "domains": m.get("domains"), "num_shards": len(m["shards"]),
+            "num_samples": m["num_samples"], "bytes": m.get("bytes"), "bad_count": m.get("bad_count")}
+
+
+def shard_tasks(manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """Each shard's tasks. Shards converted before these were recorded (no ``tasks`` entry)
+    are taken to have the manifest's tasks, which is what every reader assumed then."""
+    return {s["name"]: list(s.get("tasks", manifest["tasks"])) for s in manifest["shards"]}
+
+
+def task_coverage(manifest: dict[str, Any], tasks: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """``(absent, partial)``: the ``tasks`` no shard has, and for each task that only some
+    shards have, the names of the shards without it (their samples carry no label for it)."""
+    per_shard = shard_tasks(manifest)
+    absent = [t for t in tasks if t not in manifest["tasks"]]
+    partial = {}
+    for task in tasks:
+        lacking = [name for name, have in per_shard.items() if task not in have]
+        if task not in absent and lacking:
+            partial[task] = lacking
+    return absent, partial
 
 
 # ---------------------------------------------------------------------------------------------

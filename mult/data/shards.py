@@ -10,8 +10,11 @@ Layout of an output URL (local directory or ``s3://bucket/prefix``)::
     _work/groups/{stem}.json    one record per finished group
 
 One sample is one view; its members are ``{key}.{domain}.{ext}`` in sorted domain order, with
-the original file bytes (``encoding: "original"``). With ``resize=S`` the views are decoded,
-each domain resized its own way (:func:`mult.data.transforms.resize_raw`) to ``S x S`` and
+the original file bytes (``encoding: "original"``). ``tasks`` (default: every task the tree has)
+chooses the members: ``rgb``, the requested tasks' files and the auxiliary domains
+(``mask_valid``, ``point_info``: kept when present, never missing). Only a missing ``rgb`` or a
+missing file of a requested task is a bad file; the manifest records each shard's tasks.
+With ``resize=S`` the views are decoded, each domain resized its own way (:func:`mult.data.transforms.resize_raw`) to ``S x S`` and
 written as Taskonomy-encoded PNGs (``encoding: "taskonomy"``), whatever the source format.
 
 Tars are byte-deterministic (:mod:`mult.data.tarfiles`), so a group always produces the same
@@ -70,6 +73,7 @@ class ShardSettings:
     samples_per_shard: int = 256
     resize: int | None = None
     check: str = "png"  # "png": structure and CRCs of every PNG; "decode": full to_raw per view
+    tasks: list[str] | None = None  # None: every task found in the tree
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
@@ -79,6 +83,14 @@ class ShardSettings:
         if self.check not in CHECKS:
             raise ValueError(f"unknown check {self.check!r}; valid checks: {', '.join(CHECKS)}")
         get_dataset(self.format)  # raises with the valid names
+        if self.tasks is not None:
+            if isinstance(self.tasks, str) or not self.tasks:
+                raise ValueError(f"tasks must be a non-empty list of task names (or None: every task found), "
+                                 f"got {self.tasks!r}")
+            unknown = [t for t in self.tasks if t not in TASKS]
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+            self.tasks = [t for t in TASKS if t in set(self.tasks)]  # table order, no duplicates
 
     @property
     def encoding(self) -> str:
@@ -118,6 +130,46 @@ class GroupState:
         self.bad.append({"kind": kind, "key": key, "domain": domain, "error": error, "path": path})
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """Which member domains a conversion keeps and which count as missing."""
+
+    tasks: tuple[str, ...]  # the tasks whose files count
+    domain_tasks: dict[str, str]  # member domain -> the task it labels (the reader's table)
+
+    def counts(self, domain: str) -> bool:
+        """A missing file of this domain is a bad file: ``rgb`` and the requested tasks' files."""
+        return domain == INPUT_DOMAIN or self.domain_tasks.get(domain) in self.tasks
+
+    def keeps(self, domain: str) -> bool:
+        """Written to the shard: what counts, plus auxiliary domains (labelling no task)."""
+        return self.counts(domain) or domain not in self.domain_tasks
+
+
+def conversion_tasks(settings: ShardSettings, reader: Any) -> list[str]:
+    """The tasks whose files a conversion keeps and counts: ``settings.tasks``, or every task
+    the tree has (``reader.tasks_found()``)."""
+    return list(settings.tasks) if settings.tasks is not None else list(reader.tasks_found())
+
+
+def _check_tasks(settings: ShardSettings, reader: Any) -> None:
+    """Refuse requested tasks that the format cannot carry or the tree does not have."""
+    found = reader.tasks_found()
+    if settings.tasks is None:
+        if not found:
+            log.warning("no task folders under %s: the shards will hold rgb only", settings.source)
+        return
+    carried = sorted(set(reader.domain_tasks.values()), key=list(TASKS).index)
+    impossible = [t for t in settings.tasks if t not in carried]
+    if impossible:
+        raise ConversionError(f"tasks {impossible}: {settings.format} has no labels for them; "
+                              f"its tasks: {', '.join(carried)}")
+    absent = [t for t in settings.tasks if t not in found]
+    if absent:
+        raise ConversionError(f"tasks {absent}: not found under {settings.source} (it has "
+                              f"{', '.join(found) or 'no task folders'}); leave them out of --tasks")
+
+
 class _TaskProbe:
     """Which tasks a view's member set yields, learnt by decoding one view per member set."""
 
@@ -134,12 +186,16 @@ class _TaskProbe:
         return self.known[domains], raw
 
 
-def _read_view(view: View, state: GroupState) -> dict[str, tuple[str, bytes]] | None:
-    """Read and check a view's files; bad ones are reported and dropped. None: drop the view."""
+def _read_view(view: View, state: GroupState, selection: _Selection) -> dict[str, tuple[str, bytes]] | None:
+    """Read and check the view's files that ``selection`` keeps; bad ones are reported and
+    dropped. None: drop the view (no readable rgb)."""
     for domain in view.missing:
-        state.add_bad("missing", view.key, domain, "file not found")
+        if selection.counts(domain):
+            state.add_bad("missing", view.key, domain, "file not found")
     out: dict[str, tuple[str, bytes]] = {}
     for domain, member in sorted(view.members.items()):
+        if not selection.keeps(domain):
+            continue
         state.files += 1
         try:
             data = member.read()
@@ -190,11 +246,13 @@ def convert_group(settings: ShardSettings, out_url: str, group: str,
     """
     dataset = get_dataset(settings.format)
     reader = dataset.load_reader()(settings.source, split=settings.split, split_file=settings.split_file)
+    selection = _Selection(tuple(conversion_tasks(settings, reader)), dict(reader.domain_tasks))
     storage = open_storage(out_url)
     stem = group_stem(group)
     state = GroupState()
     probe = _TaskProbe(dataset.load_to_raw())
     shards: list[dict[str, Any]] = []
+    shard_tasks: set[str] = set()  # the tasks of the shard being built
     decode = settings.check == "decode" or settings.resize is not None
     with tempfile.TemporaryDirectory(prefix="mult-shard-", dir=tmp_dir) as tmp:
         builder: ShardBuilder | None = None
@@ -206,7 +264,9 @@ def convert_group(settings: ShardSettings, out_url: str, group: str,
             name = f"{stem}-{len(shards):06d}.tar"
             nbytes, sha = builder.close()
             record = {"name": name, "samples": len(builder.keys), "bytes": nbytes, "sha256": sha,
-                      "group": group, "first_key": builder.keys[0], "last_key": builder.keys[-1]}
+                      "group": group, "first_key": builder.keys[0], "last_key": builder.keys[-1],
+                      "tasks": [t for t in TASKS if t in shard_tasks]}
+            shard_tasks.clear()
             _publish_once(storage, builder.path, record)
             builder.path.unlink(missing_ok=True)
             shards.append(record)
@@ -216,12 +276,13 @@ def convert_group(settings: ShardSettings, out_url: str, group: str,
 
         for view in reader.views(group):
             state.views += 1
-            files = _read_view(view, state)
+            files = _read_view(view, state, selection)
             if files is None:
                 continue
             members = {d: data for d, (_, data) in files.items()}
             try:
                 tasks, raw = probe.tasks(members, view.key, decode)
+                tasks = [t for t in tasks if t in selection.tasks]
             except Exception as exc:  # a format's decoder raises its own errors; report, go on
                 state.add_bad("corrupt", view.key, None, f"view dropped: {type(exc).__name__}: {exc}")
                 continue
@@ -233,13 +294,15 @@ def convert_group(settings: ShardSettings, out_url: str, group: str,
                 builder = ShardBuilder(Path(tmp) / f"{stem}-{len(shards):06d}.tar")
             builder.add(view.key, payload)
             state.task_counts.update(tasks)
+            shard_tasks.update(tasks)
             state.domain_counts.update(p.partition(".")[0] for p in payload)
             if len(builder.keys) >= settings.samples_per_shard:
                 finish()
         finish()
     record = {"group": group, "stem": stem, "shards": shards, "views": state.views, "files": state.files,
               "samples": sum(s["samples"] for s in shards), "bad": state.bad, "dropped": state.dropped,
-              "task_counts": dict(state.task_counts), "domain_counts": dict(state.domain_counts)}
+              "task_counts": dict(state.task_counts), "domain_counts": dict(state.domain_counts),
+              "counted_tasks": list(selection.tasks)}
     storage.write_bytes(f"{WORK}/groups/{stem}.json", json.dumps(record, indent=1).encode())
     log.info("group %s: %d views -> %d shard(s), %d bad item(s)", group, state.views, len(shards), len(state.bad))
     return record
@@ -289,8 +352,10 @@ def prepare(settings: ShardSettings, out_url: str, overwrite: bool = False) -> t
                                   f"(old, new): {diff}; use a new output or overwrite=True")
         if previous.get("source") != settings.source:
             log.warning("source moved from %s to %s since the last run", previous.get("source"), settings.source)
-    reader = get_dataset(settings.format).load_reader()
-    groups = reader(settings.source, split=settings.split, split_file=settings.split_file).groups()
+    reader = get_dataset(settings.format).load_reader()(settings.source, split=settings.split,
+                                                        split_file=settings.split_file)
+    _check_tasks(settings, reader)
+    groups = reader.groups()
     if not groups:
         raise ConversionError(f"no {settings.format} groups found under {settings.source}"
                               + (f" for split {settings.split!r}" if settings.split else ""))
@@ -326,7 +391,8 @@ def finalize(settings: ShardSettings, out_url: str, groups: Sequence[str], *,
     kinds = Counter(b["kind"] for b in bad)
     fraction = len(bad) / max(files, 1)
     dropped = [k for r in records for k in r.get("dropped", [])]
-    report = {"bad_count": len(bad), "by_kind": dict(kinds), "files": files,
+    counted = sorted({t for r in records for t in r.get("counted_tasks", [])}, key=list(TASKS).index)
+    report = {"bad_count": len(bad), "by_kind": dict(kinds), "files": files, "counted_tasks": counted,
               "views": sum(r["views"] for r in records), "bad_fraction": fraction, "items": bad,
               "dropped_views": dropped}
     storage.write_bytes(REPORT_NAME, json.dumps(report, indent=1).encode())
@@ -354,8 +420,10 @@ def finalize(settings: ShardSettings, out_url: str, groups: Sequence[str], *,
         "bytes": sum(s["bytes"] for s in shards),
         "bad_count": len(bad),
         "dropped_views": len(dropped),
-        "shards": [{k: s[k] for k in ("name", "samples", "bytes", "sha256", "group", "first_key")}
-                   for s in shards],
+        # "tasks" per shard: absent in shards converted before it was recorded (readers then
+        # take the manifest's "tasks" for every shard).
+        "shards": [{k: s[k] for k in ("name", "samples", "bytes", "sha256", "group", "first_key", "tasks")
+                    if k in s} for s in shards],
     }
     storage.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
     return manifest

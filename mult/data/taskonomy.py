@@ -119,6 +119,7 @@ class TaskonomyReader:
 
     format = "taskonomy"
     component = "taskonomy"  # omnidata's level between the domain folder and the building
+    domain_tasks: dict[str, str] = {spec.folder: name for name, spec in TASKS.items()}
 
     def __init__(
         self,
@@ -141,6 +142,9 @@ class TaskonomyReader:
                 f"as {{domain}}/{{building}}/ or {{domain}}/{self.component}/{{building}}/)"
             )
         self.layout = "omnidata" if any(b.name == self.component for b in self.bases.values()) else "plain"
+        absent = [d for d in self.domains if d not in self.bases]
+        if absent:  # Taskonomy's own release has no mask_valid; downloads may leave domains out
+            log.info("%s tree %s has no %s folder(s)", self.format, self.root, ", ".join(absent))
         self.split = split
         self.buildings = self._select(split, split_file)
 
@@ -180,6 +184,12 @@ class TaskonomyReader:
     def groups(self) -> list[str]:
         return list(self.buildings)
 
+    def tasks_found(self) -> list[str]:
+        """Tasks whose folder holds any of the selected buildings (in task-table order). A
+        download without some domains (omnidata's domain choices) simply lacks them."""
+        return [self.domain_tasks[f] for f in TASK_FOLDERS if f in self.bases and f in self.domains
+                and any((self.bases[f] / b).is_dir() for b in self.buildings)]
+
     def _scan(self, group: str) -> dict[tuple[int, int], dict[str, Member]]:
         found: dict[tuple[int, int], dict[str, Member]] = {}
         for folder in self.domains:
@@ -209,6 +219,9 @@ class TaskonomyReader:
             missing = [d for d in self.domains if d not in members]
             missing_counts.update(missing)
             yield View(f"{safe}-p{point}-v{view}", group, members, missing)
+        # Warn about domains other buildings have; a folder absent from the whole tree was
+        # logged once when the reader was built.
+        missing_counts = Counter({d: n for d, n in missing_counts.items() if d in self.bases})
         if missing_counts:
             summary = ", ".join(f"{d} ({n})" for d, n in sorted(missing_counts.items()))
             log.warning("%s %s: %d view(s) lack domains: %s", self.format, group, len(found), summary)

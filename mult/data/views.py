@@ -3,8 +3,12 @@
 A format module (``mult.data.taskonomy``, ``.nyu``, ``.cocodoom``) provides:
 
 * a reader class, built as ``Reader(root, split=None, split_file=None)``, with
-  ``groups() -> list[str]`` (the units of parallel conversion: buildings, scenes, runs) and
-  ``views(group) -> Iterator[View]``, where each :class:`View` carries the bytes of its files;
+  ``groups() -> list[str]`` (the units of parallel conversion: buildings, scenes, runs),
+  ``views(group) -> Iterator[View]``, where each :class:`View` carries the bytes of its files,
+  ``domain_tasks`` (member domain -> the task it labels) and ``tasks_found() -> list[str]``
+  (the tasks this tree has labels for). The sharder keeps and counts members by task through
+  these two: a domain that is neither ``rgb`` nor in ``domain_tasks`` (``mask_valid``,
+  ``point_info``) is *auxiliary*, used when present and never missing;
 * ``to_raw(members: dict[str, bytes], key: str) -> dict[str, np.ndarray]``, which turns a view's
   members (as stored in a shard: domain -> bytes) into ``"rgb"`` (``uint8 [H, W, 3]``),
   optionally ``"mask_valid"`` (``bool [H, W]``), and one array per task the format has labels
@@ -62,7 +66,10 @@ class View:
 
 class Reader(Protocol):
     format: str
+    domain_tasks: dict[str, str]
 
     def groups(self) -> list[str]: ...
+
+    def tasks_found(self) -> list[str]: ...
 
     def views(self, group: str) -> Iterator[View]: ...

@@ -1,4 +1,5 @@
-"""Shard conversion on Ray: one Ray task per group (building, scene, run, map)."""
+"""Shard conversion and verification on Ray: one Ray task per group (building, scene, run, map)
+or per shard."""
 
 from __future__ import annotations
 
@@ -8,12 +9,20 @@ from typing import Callable, Iterable, Sequence
 
 log = logging.getLogger(__name__)
 
+MapFn = Callable[[Callable[[str], dict], Sequence[str]], Iterable[dict]]
 
-def ray_map(num_cpus: float = 1.0) -> Callable[[Callable[[str], dict], Sequence[str]], Iterable[dict]]:
-    """A ``map_groups`` for :func:`mult.data.shards.convert` running one Ray task per group,
-    with a progress bar. Every group is attempted; failures are raised together at the end."""
 
-    def run(fn: Callable[[str], dict], groups: Sequence[str]) -> list[dict]:
+def ray_map(num_cpus: float = 1.0, *, desc: str = "shard",
+            on_error: Callable[[str, BaseException], dict] | None = None) -> MapFn:
+    """A ``map_groups`` for :func:`mult.data.shards.convert` (or a ``map_shards`` for
+    :func:`mult.data.verify.verify_dataset`) running one Ray task per item, with a progress bar.
+
+    Every item is attempted. Without ``on_error``, failures are raised together at the end as a
+    :class:`~mult.data.shards.ConversionError` (a rerun resumes the conversion); with it, a
+    failed item's result is ``on_error(item, exception)``, so a report can name it.
+    """
+
+    def run(fn: Callable[[str], dict], items: Sequence[str]) -> list[dict]:
         import ray
         from tqdm import tqdm
 
@@ -21,20 +30,22 @@ def ray_map(num_cpus: float = 1.0) -> Callable[[Callable[[str], dict], Sequence[
 
         init_ray(local_cpus=2)
         task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
-        pending = {task.remote(g): g for g in groups}
+        pending = {task.remote(item): item for item in items}
         results, failures = [], []
-        with tqdm(total=len(groups), unit="group", desc="shard", file=sys.stderr) as bar:
+        with tqdm(total=len(items), unit="item", desc=desc, file=sys.stderr) as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    group = pending.pop(ref)
+                    item = pending.pop(ref)
                     try:
-                        record = ray.get(ref)
-                        results.append(record)
-                        bar.set_postfix(samples=sum(r["samples"] for r in results), refresh=False)
-                    except Exception as exc:  # keep converting the rest; rerun resumes
-                        failures.append(f"{group}: {exc}")
-                        log.error("group %s failed: %s", group, exc)
+                        results.append(ray.get(ref))
+                        bar.set_postfix(samples=sum(r.get("samples", 0) for r in results), refresh=False)
+                    except Exception as exc:  # keep going over the rest; the caller decides
+                        log.error("%s %s failed: %s", desc, item, exc)
+                        if on_error is None:
+                            failures.append(f"{item}: {exc}")
+                        else:
+                            results.append(on_error(item, exc))
                     bar.update(1)
         if failures:
             from mult.data.shards import ConversionError

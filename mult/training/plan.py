@@ -122,16 +122,28 @@ def probe_write(url: str, key: str) -> None:
 
 
 def check_shards(url: str, key: str, tasks: list[str]) -> int:
-    """Read a shard manifest; check it has the tasks; return its sample count."""
-    from mult.data.samples import read_manifest
+    """Read a shard manifest; refuse tasks no shard has; return its sample count.
+
+    Every stage that trains (train, tune, baselines, ablate) comes through here via
+    :func:`prepare`. A task that only some shards have is allowed, with a warning: those
+    samples carry no label for it (an all-invalid mask), as for a view whose file was missing.
+    """
+    from mult.data.samples import read_manifest, task_coverage
 
     try:
         manifest = read_manifest(url)
     except Exception as exc:  # missing object, unreachable endpoint, bad JSON: all the same to a user
         raise PreflightError(f"{key}: cannot read the shard manifest at {url!r}: {exc}") from exc
-    missing = [t for t in tasks if t not in manifest["tasks"]]
-    if missing:
-        raise PreflightError(f"{key}: shards at {url!r} lack tasks {missing}; they have {manifest['tasks']}")
+    absent, partial = task_coverage(manifest, tasks)
+    if absent:
+        raise PreflightError(
+            f"{key}: the shards at {url!r} have no {', '.join(absent)} (their tasks: "
+            f"{', '.join(manifest['tasks']) or 'none'}); convert with `pipelines.shard --tasks` "
+            f"including {'them' if len(absent) > 1 else 'it'}, or leave {'them' if len(absent) > 1 else 'it'} out of `tasks`"
+        )
+    for task, lacking in partial.items():
+        log.warning("%s: %d of %d shard(s) at %s have no %s (e.g. %s); their samples train without it",
+                    key, len(lacking), len(manifest["shards"]), url, task, lacking[0])
     return int(manifest["num_samples"])
 
 

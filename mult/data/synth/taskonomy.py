@@ -9,6 +9,9 @@ no surface, normals ``round((n + 1) / 2 * 255)`` with holes ``(128, 128, 128)``,
 
 Taskonomy renders several views of each fixated *point*; so does this generator: a scene's
 views are grouped into points of one to three views that share ``point_location``.
+
+``auxiliary=False`` leaves out the ``mask_valid`` and ``point_info`` folders, as Taskonomy's own
+release and omnidata downloads without those domains do.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from mult.data.synth.render import Rendered, render
 from mult.data.synth.scene import make_scene, sample_camera, sample_target
 from mult.data.synth.styles import StyleParams
 from mult.encodings import DEPTH_UNITS_PER_METRE, NORMAL_HOLE
-from mult.tasks import TASKS
+from mult.tasks import MASK_DOMAIN, POINT_INFO_DOMAIN, TASKS
 
 log = logging.getLogger(__name__)
 
 DEPTH_NO_SURFACE = 65535
+AUXILIARY_FOLDERS = (MASK_DOMAIN, POINT_INFO_DOMAIN)  # not tasks; absent from some real trees
 FOV_RANGE = (0.6, 1.2)  # radians; Taskonomy's cameras vary their field of view per view
 SPLIT_FILE = "splits/train_val_test_full.csv"
 _SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -116,6 +120,7 @@ class _SceneJob:
     views: int
     size: int
     seed: int
+    auxiliary: bool = True  # write mask_valid and point_info
 
 
 def _scene_dir(job: _SceneJob, folder: str) -> Path:
@@ -140,6 +145,8 @@ def _write_scene(job: _SceneJob) -> int:
             info = {"building": job.name, "point": point, "view": view, "view_id": view,
                     "point_uuid": f"{job.name}-{point}", "camera_uuid": f"{job.name}-{point}-{view}"}
             for folder, data in encode_view(render(scene, camera), camera, info).items():
+                if not job.auxiliary and folder in AUXILIARY_FOLDERS:
+                    continue
                 directory = _scene_dir(job, folder)
                 directory.mkdir(parents=True, exist_ok=True)
                 (directory / view_filename(folder, point, view)).write_bytes(data)
@@ -206,12 +213,13 @@ def write_split_csv(path: Path, splits: dict[str, str]) -> None:
 # Public writers.
 # ------------------------------------------------------------------------------------------------
 def _write_scenes(out: Path, component: str, layout: str, names: list[str], style: StyleParams, *, views: int,
-                  size: int, seed: int, workers: int | None) -> int:
+                  size: int, seed: int, workers: int | None, auxiliary: bool = True) -> int:
     """Render and write ``views`` views of each scene in ``names``; returns the views written."""
     for label, value, low in (("scenes", len(names), 1), ("views", views, 1), ("size", size, 8)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
-    jobs = [_SceneJob(str(out), component, layout, style, name, i, views, size, seed) for i, name in enumerate(names)]
+    jobs = [_SceneJob(str(out), component, layout, style, name, i, views, size, seed, auxiliary)
+            for i, name in enumerate(names)]
     return _run_jobs(jobs, workers)
 
 
@@ -225,18 +233,21 @@ def write_taskonomy(
     style: StyleParams,
     layout: Literal["plain", "omnidata"] = "omnidata",
     workers: int | None = None,
+    auxiliary: bool = True,
 ) -> dict:
     """Write a Taskonomy tree of ``scenes`` buildings with ``views`` views each, ``size``² pixels.
 
     Also writes ``splits/train_val_test_full.csv`` (buildings over train/val/test).
-    ``workers`` processes render scenes in parallel (default: one per core). Returns a summary
+    ``workers`` processes render scenes in parallel (default: one per core); ``auxiliary=False``
+    writes no ``mask_valid`` or ``point_info`` (Taskonomy's own release). Returns a summary
     dict: ``format``, ``root``, ``layout``, ``groups`` (building names), ``views``, ``splits``.
     """
     if layout not in ("plain", "omnidata"):
         raise ValueError(f"unknown layout {layout!r}; valid layouts: plain, omnidata")
     out = Path(out)
     names = building_names(scenes, seed)
-    total = _write_scenes(out, "taskonomy", layout, names, style, views=views, size=size, seed=seed, workers=workers)
+    total = _write_scenes(out, "taskonomy", layout, names, style, views=views, size=size, seed=seed, workers=workers,
+                          auxiliary=auxiliary)
     splits = assign_splits(names, seed)
     write_split_csv(out / SPLIT_FILE, splits)
     log.info("wrote %d Taskonomy views (%s layout, %d buildings, %dpx) under %s", total, layout, scenes, size, out)
@@ -253,6 +264,7 @@ def write_replica(
     seed: int,
     style: StyleParams,
     workers: int | None = None,
+    auxiliary: bool = True,
 ) -> dict:
     """Write a Replica tree in omnidata's layout (``{domain}/replica/{scene}/...``).
 
@@ -262,7 +274,8 @@ def write_replica(
     """
     out = Path(out)
     names = [f"{_REPLICA_NAMES[i % len(_REPLICA_NAMES)]}_{i // len(_REPLICA_NAMES)}" for i in range(scenes)]
-    total = _write_scenes(out, "replica", "omnidata", names, style, views=views, size=size, seed=seed, workers=workers)
+    total = _write_scenes(out, "replica", "omnidata", names, style, views=views, size=size, seed=seed, workers=workers,
+                          auxiliary=auxiliary)
     log.info("wrote %d Replica views (%d scenes, %dpx) under %s", total, scenes, size, out)
     return {"format": "replica", "root": str(out), "layout": "omnidata", "groups": names, "views": total}
 
