@@ -12,6 +12,7 @@ import pytest
 
 from mult.data import s3 as s3mod
 from mult.data import storage as st
+from mult.data.retry import RetryPolicy
 from mult.launch.local import MotoServer
 
 
@@ -138,7 +139,7 @@ def test_read_survives_server_restart(tmp_path: Path) -> None:
         with server.environment():
             # Larger than the socket buffers, so most of it is still on the server at the restart.
             data = _big_object(server, 48 * 2**20)
-            raw = s3mod.ResumableS3Stream(s3mod.s3_client(), "restart", "big.bin", backoff_s=0.2)
+            raw = s3mod.ResumableS3Stream("restart", "big.bin", retry=RetryPolicy(max_retry_s=60, base_delay_s=0.2))
             fh = io.BufferedReader(raw, buffer_size=1 << 16)
             head = fh.read(2**20)
             server.restart()
@@ -156,11 +157,12 @@ def test_read_fails_loudly_when_server_stays_down(tmp_path: Path) -> None:
     try:
         with server.environment():
             _big_object(server, 48 * 2**20)
-            raw = s3mod.ResumableS3Stream(s3mod.s3_client(max_attempts=1), "restart", "big.bin",
-                                       max_resumes=2, backoff_s=0.05)
+            raw = s3mod.ResumableS3Stream("restart", "big.bin", retry=RetryPolicy(max_retry_s=1, base_delay_s=0.05),
+                                       client_factory=lambda: s3mod.s3_client(max_attempts=1))
             raw.read(2**20)
             server.stop()
-            with pytest.raises(st.StorageError, match="resumes failed"):
+            with pytest.raises(st.StorageUnavailableError, match=r"s3://restart/big.bin at byte \d+ of \d+: "
+                                                                 r"storage unavailable: \d+ failed attempt"):
                 while raw.read(2**20):
                     pass
     finally:
