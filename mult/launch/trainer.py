@@ -17,23 +17,24 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mult.config import from_dict, to_dict
+from mult.data.retry import RetryPolicy
 from mult.launch.env import init_ray
 from mult.training.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
 
-def storage_args(storage_url: str) -> dict[str, Any]:
+def storage_args(storage_url: str, retry: RetryPolicy | None = None) -> dict[str, Any]:
     """Ray's storage arguments for a run or experiment root: a plain path, or an explicit
     pyarrow S3 filesystem with ``storage_path`` as ``bucket/prefix``.
 
     The explicit filesystem carries ``AWS_ENDPOINT_URL`` to Ray's controller and workers,
     whatever environment they were started with; credentials come from the standard chain.
+    It is how Ray Train writes and reads checkpoints, so it retries as ``retry`` asks
+    (:class:`RetryingS3FileSystem`).
     """
     if not storage_url.startswith("s3://"):
         return {"storage_path": storage_url}
-    import pyarrow.fs
-
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     kwargs: dict[str, Any] = {}
     if endpoint:
@@ -42,7 +43,12 @@ def storage_args(storage_url: str) -> dict[str, Any]:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return {"storage_path": storage_url[len("s3://"):], "storage_filesystem": pyarrow.fs.S3FileSystem(**kwargs)}
+    from mult.launch.s3fs import RetryingS3FileSystem, pyarrow_attempts
+
+    policy = retry or RetryPolicy()
+    fs = RetryingS3FileSystem(max_attempts=pyarrow_attempts(policy), connect_timeout=min(10.0, policy.timeout_s),
+                              request_timeout=policy.timeout_s, **kwargs)
+    return {"storage_path": storage_url[len("s3://"):], "storage_filesystem": fs}
 
 
 class RaySession:
@@ -157,7 +163,7 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, controller_failu
                 checkpoint_score_order="min",
             ),
             callbacks=callbacks,
-            **storage_args(plan.storage_url),
+            **storage_args(plan.storage_url, retry=RetryPolicy.from_config(cfg.data)),
         ),
     )
 
