@@ -245,3 +245,34 @@ def test_ray_checkpoint_filesystem_keeps_its_retries_across_pickling(proxy: Faul
                           use_threads=False)
     assert plan[0].fired == 3
     assert open_storage(f"s3://{BUCKET}/runs/checkpoint_x").read_bytes("model.pt") == payload
+
+
+def test_checkpoint_download_through_faults(proxy: FaultProxy, s3_server: MotoServer, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """``load_model`` on a run in S3: the listing is throttled, ``model.pt`` breaks mid-body and
+    its resume meets an expired token, a ``meta.json`` read gets a 500; the weights arrive whole,
+    and a newer checkpoint cut off mid-upload is skipped."""
+    import torch
+
+    from mult.config import load_config
+    from mult.model import build_model
+    from mult.training import checkpoint
+
+    cfg = load_config("configs/cpu-small.yaml", ["tasks=[normal,depth_zbuffer]", "model.img_size=32",
+                                                 "model.embed_dim=12", "model.num_heads=[1,1,1,1]"])
+    model = build_model(cfg)
+    for name, step in (("checkpoint_a", 4), ("checkpoint_b", 8)):
+        directory = checkpoint.save_checkpoint(tmp_path / name, model=model, config=cfg, step=step)
+        if name == "checkpoint_b":
+            (directory / checkpoint.MODEL_FILE).unlink()  # its upload never got this far
+    _upload_dir(s3_server, tmp_path, f"s3://{BUCKET}/ckpt-run")
+    size = (tmp_path / "checkpoint_a" / checkpoint.MODEL_FILE).stat().st_size
+    plan = proxy.add(Fault("slowdown", "GET", r"list-type=2", times=2),
+                     Fault("internal", "GET", r"checkpoint_a/meta\.json"),
+                     Fault("stall", "GET", r"checkpoint_a/model\.pt", ranged=False, body_bytes=size // 2, stall_s=5),
+                     Fault("expired", "GET", r"checkpoint_a/model\.pt", ranged=True))
+    loaded, _ = checkpoint.load_model(f"s3://{BUCKET}/ckpt-run", prefer="latest", retry=FAST)
+    assert [f.fired for f in plan] == [2, 1, 1, 1]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    assert "skipping incomplete checkpoint s3://faults/ckpt-run/checkpoint_b: model.pt is missing" in caplog.text
