@@ -276,3 +276,27 @@ def test_checkpoint_download_through_faults(proxy: FaultProxy, s3_server: MotoSe
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
     assert "skipping incomplete checkpoint s3://faults/ckpt-run/checkpoint_b: model.pt is missing" in caplog.text
+
+
+def test_a_file_pyarrow_failed_to_upload_keeps_the_checkpoint_unregistered(proxy: FaultProxy, tmp_path: Path) -> None:
+    """pyarrow's copy_files (Ray's uploader) logs and drops a file whose upload failed after its
+    retries, without raising; the check run before Ray registers a checkpoint catches it."""
+    import pyarrow.fs
+
+    from mult.config import load_config
+    from mult.launch.trainer import storage_args, verify_persisted
+    from mult.model import build_model
+    from mult.training.checkpoint import CheckpointError, save_checkpoint
+
+    cfg = load_config("configs/cpu-small.yaml", ["tasks=[normal]", "model.img_size=32", "model.embed_dim=12",
+                                                 "model.num_heads=[1,1,1,1]", "model.shared_attention=none"])
+    local = save_checkpoint(tmp_path / "checkpoint_y", model=build_model(cfg), config=cfg, step=1)
+    args = storage_args(f"s3://{BUCKET}/runs", retry=RetryPolicy(max_retry_s=1, timeout_s=5))  # 3 attempts
+    fs, dest = args["storage_filesystem"], f"{args['storage_path']}/checkpoint_y"
+    proxy.add(Fault("slowdown", "PUT", r"checkpoint_y/model\.pt", times=None))
+    pyarrow.fs.copy_files(str(local), dest, destination_filesystem=fs, use_threads=False)  # no error raised
+    with pytest.raises(CheckpointError, match=r"checkpoint upload to .*checkpoint_y is incomplete: model.pt is missing"):
+        verify_persisted(local, fs, dest)
+    proxy.clear()
+    pyarrow.fs.copy_files(str(local), dest, destination_filesystem=fs, use_threads=False)
+    verify_persisted(local, fs, dest)  # whole now

@@ -92,8 +92,11 @@ class RaySession:
 
         if self.rank == 0:
             self._to_dashboard(metrics)
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint_dir is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                         checkpoint_upload_fn=_persist_verified)
 
     def _to_dashboard(self, metrics: dict[str, float]) -> None:
         from ray.util.metrics import Gauge
@@ -110,6 +113,37 @@ class RaySession:
                         gauge.set(value, tags={"task": key[len("loss/"):]})
             elif name in metrics and math.isfinite(metrics[name]):
                 gauge.set(metrics[name])
+
+
+def _persist_verified(checkpoint: Any, checkpoint_dir_name: str) -> Any:
+    """Ray's own upload of a checkpoint, then a check that every file arrived whole.
+
+    pyarrow's ``copy_files`` (what Ray uploads with) does not raise when a file's upload fails
+    after its retries: measured with pyarrow 26, the error is only logged ("Error ignored when
+    destroying file") and the file is missing, and Ray would register the checkpoint. Raising
+    here keeps it unregistered: the worker fails and Ray restarts from the last checkpoint that
+    did arrive whole (``train.max_failures``).
+    """
+    import ray.train
+
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+    verify_persisted(Path(checkpoint.path), persisted.filesystem, persisted.path)
+    return persisted
+
+
+def verify_persisted(local_dir: Path, filesystem: Any, path: str) -> None:
+    """Raise :class:`~mult.training.checkpoint.CheckpointError` unless every file that
+    ``local_dir``'s ``complete.json`` lists is at ``path`` on ``filesystem`` with its size."""
+    import pyarrow.fs
+
+    from mult.training.checkpoint import COMPLETE_FILE, CheckpointError, why_incomplete
+
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    files = {info.base_name: info.size for info in infos if info.type == pyarrow.fs.FileType.File}
+    reason = why_incomplete(files, (local_dir / COMPLETE_FILE).read_bytes())
+    if reason:
+        raise CheckpointError(f"checkpoint upload to {path} is incomplete: {reason}; the upload's "
+                              "retries gave up (data.storage_retry_s), so it is not registered")
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
