@@ -97,7 +97,8 @@ def test_webdataset_opener(s3_server: MotoServer) -> None:
 
 
 def test_retry_mode_config(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert s3mod.s3_client()._client_config.retries["mode"] == "standard"
+    assert s3mod.s3_client()._client_config.retries == {"mode": "standard", "total_max_attempts": 8}
+    assert s3mod.s3_client(max_attempts=1)._client_config.retries["total_max_attempts"] == 1  # no retry
     assert s3mod.s3_client("adaptive")._client_config.retries["mode"] == "adaptive"
     monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
     assert s3mod.S3Storage("b").client._client_config.retries["mode"] == "adaptive"

@@ -2,9 +2,9 @@
 checkpoint filesystem against a real S3 server (moto) behind a fault-injecting proxy
 (tests/faultproxy.py) that answers with S3's real error bodies, resets connections and stalls.
 
-Nothing is mocked: the faults are real HTTP answers and real TCP resets on 127.0.0.1. Unless a
-test says otherwise, botocore's own retries are off (``AWS_MAX_ATTEMPTS=1``) so that every fault
-reaches the layer under test, and timeouts and retry bounds are seconds, set through
+Nothing is mocked: the faults are real HTTP answers and real TCP resets on 127.0.0.1.
+botocore's own retries are off (``AWS_MAX_ATTEMPTS=1``: one attempt per call) so that every
+fault reaches the layer under test, and timeouts and retry bounds are seconds, set through
 :class:`RetryPolicy` as ``data.storage_timeout_s`` / ``data.storage_retry_s`` would.
 """
 

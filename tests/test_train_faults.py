@@ -3,8 +3,8 @@ session's Ray head, with ``AWS_ENDPOINT_URL`` pointing at a fault-injecting prox
 (tests/faultproxy.py) in front of the moto server. Shards, checkpoints (Ray's pyarrow uploads)
 and telemetry all go through it.
 
-``AWS_MAX_ATTEMPTS=2`` (forwarded to the workers) keeps botocore's own retries short, so the
-faults reach mult's retry layer; ``train.max_failures=0`` makes any failure end the run, so a
+``AWS_MAX_ATTEMPTS=1`` (forwarded to the workers) turns botocore's own retries off, so every
+fault reaches mult's retry layer; ``train.max_failures=0`` makes any failure end the run, so a
 run that completes did so without Ray restarting it.
 """
 
@@ -46,7 +46,7 @@ def proxy(s3_server: MotoServer) -> Iterator[FaultProxy]:
 def _train(tmp_path: Path, proxy: FaultProxy, name: str, args: list[str],
            resume: bool = False) -> tuple[subprocess.Popen, Path]:
     log_path = tmp_path / f"{name}{'-resumed' if resume else ''}.log"
-    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "2"}
+    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "1"}
     cmd = [sys.executable, "-m", "pipelines.train", "--config", "configs/cpu-small.yaml", *args,
            f"train.storage_path=s3://{BUCKET}/runs", f"train.run_name={name}", f"metrics.local_dir={tmp_path}",
            *STORAGE, *(["--resume"] if resume else [])]  # last: it takes an optional value
@@ -79,9 +79,11 @@ def smoke_data(s3_server: MotoServer) -> None:
 
 @pytest.mark.slow
 def test_smoke_run_completes_through_a_burst_of_503s(tmp_path: Path, proxy: FaultProxy, smoke_data, ray_head) -> None:
+    from mult.training.checkpoint import scan_checkpoints
+
     shard_get = r"/smoke-data/.*/train/.*\.tar$"
     plan = proxy.add(
-        Fault("slowdown", "GET", shard_get, ranged=False, times=4),  # two botocore calls' worth
+        Fault("slowdown", "GET", shard_get, ranged=False, times=4),
         Fault("reset", "GET", shard_get, ranged=False, body_bytes=2000),  # a shard breaks mid-body ...
         Fault("slowdown", "GET", shard_get, ranged=True, times=2),  # ... and its resume is throttled
         Fault("slowdown", "PUT", r"/checkpoint_[^/?]+/model\.pt", times=3),  # Ray's checkpoint upload (pyarrow)
@@ -93,6 +95,8 @@ def test_smoke_run_completes_through_a_burst_of_503s(tmp_path: Path, proxy: Faul
     assert "finished at step 4" in text
     assert [f.fired for f in plan] == [4, 1, 2, 3], "every fault should have hit the run"
     assert json.loads(summary.read_text())["metrics"]["bad_samples_total"] == 0  # no sample lost to storage
+    run_url = json.loads(summary.read_text())["run_url"]
+    assert scan_checkpoints(run_url)[1] == {}, "a checkpoint upload that met the 503s arrived cut off"
 
 
 @pytest.fixture(scope="module")

@@ -99,9 +99,10 @@ def s3_client(retry_mode: str | None = None, max_attempts: int | None = None,
 
     Credentials come from boto3's standard chain; the endpoint from ``AWS_ENDPOINT_URL`` /
     ``AWS_ENDPOINT_URL_S3`` (read by boto3 itself). ``retry_mode`` is ``standard`` (default, or
-    ``AWS_RETRY_MODE``) or ``adaptive``; ``max_attempts`` (botocore's own retries of one call,
-    inside :mod:`mult.data.retry`'s) defaults to ``AWS_MAX_ATTEMPTS`` or 8; ``timeout_s`` is
-    the read timeout (default 60 s; connecting waits at most 10 s of it).
+    ``AWS_RETRY_MODE``) or ``adaptive``; ``max_attempts``, botocore's attempts at one call
+    (the first included, as ``AWS_MAX_ATTEMPTS`` counts them; :mod:`mult.data.retry` retries
+    around them), defaults to ``AWS_MAX_ATTEMPTS`` or 8; ``timeout_s`` is the read timeout
+    (default 60 s; connecting waits at most 10 s of it).
     """
     import boto3
     from botocore.config import Config
@@ -118,7 +119,9 @@ def s3_client(retry_mode: str | None = None, max_attempts: int | None = None,
         client = _CLIENTS.get(key)
         if client is None:
             config = Config(
-                retries={"mode": mode, "max_attempts": attempts},
+                # total_max_attempts counts the first attempt, like AWS_MAX_ATTEMPTS (botocore's
+                # "max_attempts" key would count retries only: one more attempt than asked)
+                retries={"mode": mode, "total_max_attempts": attempts},
                 connect_timeout=min(10.0, timeout),
                 read_timeout=timeout,
                 max_pool_connections=32,
