@@ -267,7 +267,7 @@ class S3Storage(Storage):
     def _call(self, action: str, rel: str, fn: Callable[[Any], T], retrier: Retrier | None = None) -> T:
         """``fn(client)`` with retries; errors name the action and the object's URL."""
         return retry_call(self.retry, self.url(rel), lambda: fn(self.client), retrier=retrier,
-                          on_credentials=forget_clients, where=action)
+                          on_credentials=forget_clients, where=f"({action})")
 
     def open_read(self, rel: str) -> IO[bytes]:
         return io.BufferedReader(ResumableS3Stream(self.bucket, self._key(rel), retry=self.retry,
