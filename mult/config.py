@@ -62,6 +62,11 @@ class DataConfig:
     steps_per_epoch: int | None = None  # optimizer steps; default: samples in manifest / global batch
     bad_sample_policy: Literal["skip", "fail"] = "skip"
     hflip: bool = True
+    # Storage that keeps failing (throttling, 5xx, credentials, timeouts, resets) is retried with
+    # back-off for up to this many seconds per object (a shard, a checkpoint file), then the run
+    # fails and Ray restarts it (train.max_failures); never counted as bad samples.
+    storage_retry_s: float = 300.0
+    storage_timeout_s: float = 60.0  # connect/read timeout of one storage request
 
 
 @dataclass
@@ -422,6 +427,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"scaling.placement_timeout_s: must be > 0, got {cfg.scaling.placement_timeout_s}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    for key, value in (("data.storage_retry_s", cfg.data.storage_retry_s),
+                       ("data.storage_timeout_s", cfg.data.storage_timeout_s)):
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"{key}: must be a finite number of seconds > 0, got {value}")
     lo_hi = cfg.tune.weight_range
     if len(lo_hi) != 2 or not 0 < lo_hi[0] < lo_hi[1]:
         raise ConfigError(f"tune.weight_range: need [low, high] with 0 < low < high, got {lo_hi}")

@@ -129,9 +129,11 @@ def test_load_model_errors(tmp_path: Path, tiny) -> None:
     payload = torch.load(directory / checkpoint.MODEL_FILE, weights_only=True)
     payload["config"]["model"]["embed_dim"] = 24  # weights no longer fit what the config builds
     torch.save(payload, directory / checkpoint.MODEL_FILE)
+    checkpoint.mark_complete(directory)  # complete, but its weights no longer fit its config
     with pytest.raises((checkpoint.CheckpointError, RuntimeError)):
         checkpoint.load_model(directory)
     (directory / checkpoint.MODEL_FILE).write_bytes(b"not a checkpoint")
+    checkpoint.mark_complete(directory)
     with pytest.raises(checkpoint.CheckpointError, match="weights_only"):
         checkpoint.load_checkpoint(directory)
 
@@ -158,3 +160,119 @@ def test_load_model_from_s3(tmp_path: Path, tiny, s3_server) -> None:
     assert checkpoint.read_meta(best)["step"] == 5
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic checkpoints: complete.json written last; incomplete ones never chosen; free space.
+# --------------------------------------------------------------------------------------------
+def _cut(directory: Path, how: str) -> None:
+    """Make a checkpoint look cut off: a truncated file, a missing one, or no marker."""
+    if how == "truncated":
+        state = directory / checkpoint.STATE_FILE
+        state.write_bytes(state.read_bytes()[:100])
+    elif how == "missing":
+        (directory / checkpoint.STATE_FILE).unlink()
+    else:
+        (directory / checkpoint.COMPLETE_FILE).unlink()
+
+
+def test_marker_lists_every_file_with_its_size(tmp_path: Path, tiny) -> None:
+    directory = _save(tmp_path / "c", tiny)
+    listed = json.loads((directory / checkpoint.COMPLETE_FILE).read_text())["files"]
+    assert listed == {p.name: p.stat().st_size for p in directory.iterdir() if p.name != checkpoint.COMPLETE_FILE}
+    assert checkpoint.load_checkpoint(directory)["step"] == 3
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing", "no-marker"])
+def test_incomplete_checkpoint_is_never_selected(tmp_path: Path, tiny, how: str,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    _save(tmp_path / "checkpoint_a", tiny, step=10, objective=0.9)
+    newest = _save(tmp_path / "checkpoint_b", tiny, step=20, objective=0.1)  # best and latest, if it were whole
+    _cut(newest, how)
+    for prefer in ("best", "latest"):
+        assert checkpoint.select_checkpoint(tmp_path, prefer).name == "checkpoint_a"
+    assert "skipping incomplete checkpoint" in caplog.text and "checkpoint_b" in caplog.text
+    reason = {"truncated": "train_state.pt has 100 of", "missing": "train_state.pt is missing",
+              "no-marker": "no complete.json"}[how]
+    assert reason in caplog.text
+    if how != "missing":  # (a missing train_state.pt is the restore's own error: "cannot resume")
+        with pytest.raises(checkpoint.CheckpointError, match="is incomplete: " + reason):
+            checkpoint.load_checkpoint(newest)  # what a restore reads
+
+
+def test_load_model_refuses_a_named_incomplete_checkpoint_and_falls_back_in_a_run(
+        tmp_path: Path, tiny, caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "run"
+    _save(run / "checkpoint_a", tiny, step=10)
+    newest = _save(run / "checkpoint_b", tiny, step=20)
+    (newest / checkpoint.MODEL_FILE).write_bytes((newest / checkpoint.MODEL_FILE).read_bytes()[:1000])
+    with pytest.raises(checkpoint.CheckpointError, match=r"is incomplete: model.pt has 1000 of \d+ bytes; "
+                                                         "name its run directory"):
+        checkpoint.load_model(newest)
+    _, cfg = checkpoint.load_model(run, prefer="latest")  # the run: its newest *complete* checkpoint
+    assert cfg.tasks == tiny[0].tasks
+    assert "skipping incomplete checkpoint" in caplog.text
+    (run / "checkpoint_a" / checkpoint.COMPLETE_FILE).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint in .*checkpoint_a .no complete.json"):
+        checkpoint.load_model(run)
+
+
+def test_s3_run_skips_a_checkpoint_cut_off_mid_upload(tmp_path: Path, tiny, s3_server,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from mult.data.storage import open_storage
+
+    bucket = s3_server.make_bucket("ckpt-cut")
+    storage = open_storage(f"{bucket}/run")
+    for name, step in (("checkpoint_a", 5), ("checkpoint_b", 9)):
+        directory = _save(tmp_path / name, tiny, step=step)
+        for path in directory.iterdir():
+            if not (name == "checkpoint_b" and path.name == checkpoint.STATE_FILE):  # the upload was cut here
+                storage.upload_file(path, f"{name}/{path.name}")
+    chosen = checkpoint.resolve_local(f"{bucket}/run", tmp_path / "dl", prefer="latest")
+    assert chosen.name == "checkpoint_a" and checkpoint.read_meta(chosen)["step"] == 5
+    assert "train_state.pt is missing" in caplog.text
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint_b' is incomplete: train_state.pt is missing"):
+        checkpoint.load_model(f"{bucket}/run/checkpoint_b/model.pt")
+
+
+def test_resume_skips_runs_whose_checkpoints_are_incomplete(tmp_path: Path, tiny,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from mult.config import load_config
+    from mult.training.plan import PreflightError, choose_run_name
+
+    cfg = load_config("configs/cpu-small.yaml", ["train.run_name=exp"])
+    _save(tmp_path / "exp-20261101-000000-aaaa" / "checkpoint_1", tiny, step=4)
+    _cut(_save(tmp_path / "exp-20261102-000000-bbbb" / "checkpoint_1", tiny, step=4), "missing")
+    assert choose_run_name(cfg, str(tmp_path), True) == "exp-20261101-000000-aaaa"
+    assert "run exp-20261102-000000-bbbb: skipping incomplete checkpoint checkpoint_1" in caplog.text
+    with pytest.raises(PreflightError, match="has no checkpoint"):
+        choose_run_name(cfg, str(tmp_path), "exp-20261102-000000-bbbb")
+
+
+def test_free_space_is_checked_before_writing(tmp_path: Path, tiny, monkeypatch: pytest.MonkeyPatch,
+                                              s3_server) -> None:
+    """Only ``shutil.disk_usage`` is mocked: filling a real disk is not an option in a test."""
+    import shutil
+    from collections import namedtuple
+
+    from mult.data.storage import InsufficientSpaceError, open_storage
+
+    # The estimate from the state dicts covers what torch.save really writes, with little to spare.
+    whole = _save(tmp_path / "whole", tiny)
+    written = sum((whole / n).stat().st_size for n in (checkpoint.MODEL_FILE, checkpoint.STATE_FILE))
+    cfg, model, combiner, optimizer, scheduler = tiny
+    estimate = checkpoint.tensor_bytes([model.state_dict(), optimizer.state_dict(), combiner.state_dict()])
+    scale, extra = checkpoint.SAVE_OVERHEAD
+    assert written <= estimate * scale + extra <= 1.05 * written + extra
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 123_456, 123_456))
+    target = tmp_path / "full" / "checkpoint_x"
+    with pytest.raises(InsufficientSpaceError, match=rf"{target}'.*need \d+ bytes .* 123456 bytes .* free"):
+        _save(target, tiny)
+    assert not any(target.iterdir())  # nothing half-written
+    s3_server.make_bucket("ckpt-space")
+    open_storage("s3://ckpt-space/x").write_bytes("model.pt", b"\0" * 200_000)
+    with pytest.raises(InsufficientSpaceError, match="need 200000 bytes"):
+        open_storage("s3://ckpt-space/x").download_file("model.pt", tmp_path / "dl" / "model.pt")
+    assert not (tmp_path / "dl" / "model.pt").exists()

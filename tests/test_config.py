@@ -79,6 +79,8 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
         ("model.img_size=100", "model.img_size: must be a positive multiple of 32"),
         ("tune.weight_range=[2, 1]", "tune.weight_range"),
         ("tune.extra_arms=[magic]", "tune.extra_arms: 'magic' is not allowed"),
+        ("data.storage_retry_s=0", "data.storage_retry_s: must be a finite number of seconds > 0"),
+        ("data.storage_timeout_s=-1", "data.storage_timeout_s: must be a finite number of seconds > 0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):

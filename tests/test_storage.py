@@ -12,6 +12,7 @@ import pytest
 
 from mult.data import s3 as s3mod
 from mult.data import storage as st
+from mult.data.retry import RetryPolicy
 from mult.launch.local import MotoServer
 
 
@@ -96,7 +97,8 @@ def test_webdataset_opener(s3_server: MotoServer) -> None:
 
 
 def test_retry_mode_config(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert s3mod.s3_client()._client_config.retries["mode"] == "standard"
+    assert s3mod.s3_client()._client_config.retries == {"mode": "standard", "total_max_attempts": 8}
+    assert s3mod.s3_client(max_attempts=1)._client_config.retries["total_max_attempts"] == 1  # no retry
     assert s3mod.s3_client("adaptive")._client_config.retries["mode"] == "adaptive"
     monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
     assert s3mod.S3Storage("b").client._client_config.retries["mode"] == "adaptive"
@@ -138,7 +140,7 @@ def test_read_survives_server_restart(tmp_path: Path) -> None:
         with server.environment():
             # Larger than the socket buffers, so most of it is still on the server at the restart.
             data = _big_object(server, 48 * 2**20)
-            raw = s3mod.ResumableS3Stream(s3mod.s3_client(), "restart", "big.bin", backoff_s=0.2)
+            raw = s3mod.ResumableS3Stream("restart", "big.bin", retry=RetryPolicy(max_retry_s=60, base_delay_s=0.2))
             fh = io.BufferedReader(raw, buffer_size=1 << 16)
             head = fh.read(2**20)
             server.restart()
@@ -156,11 +158,12 @@ def test_read_fails_loudly_when_server_stays_down(tmp_path: Path) -> None:
     try:
         with server.environment():
             _big_object(server, 48 * 2**20)
-            raw = s3mod.ResumableS3Stream(s3mod.s3_client(max_attempts=1), "restart", "big.bin",
-                                       max_resumes=2, backoff_s=0.05)
+            raw = s3mod.ResumableS3Stream("restart", "big.bin", retry=RetryPolicy(max_retry_s=1, base_delay_s=0.05),
+                                       client_factory=lambda: s3mod.s3_client(max_attempts=1))
             raw.read(2**20)
             server.stop()
-            with pytest.raises(st.StorageError, match="resumes failed"):
+            with pytest.raises(st.StorageUnavailableError, match=r"s3://restart/big.bin at byte \d+ of \d+: "
+                                                                 r"storage unavailable: \d+ failed attempt"):
                 while raw.read(2**20):
                     pass
     finally:

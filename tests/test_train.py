@@ -272,6 +272,7 @@ def test_bad_input_cli_message(tmp_path: Path) -> None:
 
 def test_run_names_fresh_and_resume(tmp_path: Path) -> None:
     from mult.config import load_config
+    from mult.training.checkpoint import mark_complete
     from mult.training.plan import PreflightError, choose_run_name
 
     cfg = load_config("configs/cpu-small.yaml", ["train.run_name=exp"])
@@ -284,6 +285,7 @@ def test_run_names_fresh_and_resume(tmp_path: Path) -> None:
         (tmp_path / name / "checkpoint_x").mkdir(parents=True)
         if has_ckpt:
             (tmp_path / name / "checkpoint_x" / "model.pt").write_bytes(b"")
+            mark_complete(tmp_path / name / "checkpoint_x")  # a checkpoint counts once complete.json lists it
     assert choose_run_name(cfg, str(tmp_path), True) == "exp-20261102-000000-bbbb"  # latest with a checkpoint
     assert choose_run_name(cfg, str(tmp_path), "exp-20261101-000000-aaaa") == "exp-20261101-000000-aaaa"
     with pytest.raises(PreflightError, match="has no checkpoint"):

@@ -19,13 +19,19 @@ uninterrupted epoch would have yielded there, provided ``seed``, ``world_size``,
 ``num_workers``, ``batch_size`` and the shards are the same. Skipped samples are dropped before
 decoding (cheap); if the skipped range held bad samples, later batches shift by that many.
 
-**Bad samples.** A member that does not decode, a sample without ``rgb``, a pickle member
-(``.pyd``/``.pth``/...: refused, never unpickled), a truncated or missing shard: with
-``bad_sample_policy="skip"`` they are counted (each batch's ``"bad_samples"`` holds the number
-skipped since that worker's previous batch; a truncated shard counts the samples the manifest
-promised and the tar did not hold); with ``"fail"`` a :class:`BadSampleError` names the shard and
-the key. A dropped connection is not a bad sample: the S3 stream resumes it
-(:class:`mult.data.s3.ResumableS3Stream`) or raises; an epoch never silently shortens.
+**Bad samples** are data errors: a member that does not decode, a sample without ``rgb``, a
+pickle member (``.pyd``/``.pth``/...: refused, never unpickled), a truncated or missing shard.
+With ``bad_sample_policy="skip"`` they are counted (each batch's ``"bad_samples"`` holds the
+number skipped since that worker's previous batch; a truncated shard counts the samples the
+manifest promised and the tar did not hold); with ``"fail"`` a :class:`BadSampleError` names the
+shard and the key.
+
+**Storage errors are never bad samples.** Throttling, 5xx, expired or missing credentials,
+timeouts and resets are retried and resumed at the byte (:mod:`mult.data.retry`,
+:class:`mult.data.s3.ResumableS3Stream`) for up to ``data.storage_retry_s`` per shard; past
+that a :class:`~mult.data.storage.StorageUnavailableError` names the shard's URL, the sample key
+it was reading after and the error, and stops the run (Ray's ``train.max_failures`` restarts
+it). An epoch never silently shortens.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ import torch
 
 from mult.config import Config
 from mult.data.samples import collate, decode_members, read_manifest, split_members
-from mult.data.storage import StorageError, open_storage
+from mult.data.retry import RetryPolicy
+from mult.data.storage import Storage, StorageError, StorageUnavailableError, open_storage
 from mult.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,7 @@ class _Plan:
     shuffle_buffer: int
     hflip: bool
     policy: str
+    retry: RetryPolicy
 
     @property
     def slots(self) -> int:
@@ -116,6 +124,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, plan: _Plan):
         super().__init__()
         self.plan = plan
+        self._store: Storage | None = None  # opened in the worker process that reads
+
+    def _storage(self) -> Storage:
+        if self._store is None:
+            self._store = open_storage(self.plan.base_url, retry=self.plan.retry)
+        return self._store
 
     # -- which logical worker am I -------------------------------------------------------------
     def _logical_worker(self) -> int:
@@ -126,10 +140,6 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         p = self.plan
-        if p.base_url.startswith("s3://"):
-            from mult.data.s3 import register_webdataset_s3
-
-            register_webdataset_s3()
         worker = self._logical_worker()
         slot = p.rank * p.workers + worker
         counter = _Counter()
@@ -143,8 +153,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         return list(itertools.accumulate([0, *self.plan.shard_samples[:-1]]))
 
     def _read_shard(self, index: int, slot: int, modulus: int | None, counter: _Counter) -> Iterator[dict]:
-        """Samples of one shard that belong to ``slot``; truncation and absence are bad samples."""
-        import webdataset as wds
+        """Samples of one shard that belong to ``slot``; truncation and absence are bad samples,
+        storage that stays unavailable raises :class:`StorageUnavailableError`."""
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
         p = self.plan
         url, name, expected = p.shard_urls[index], p.shard_names[index], p.shard_samples[index]
@@ -155,14 +166,22 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         seen, last_key = 0, None
         try:
-            for sample in wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": url}])):
-                if mine(seen):
-                    sample["__shard__"] = name
-                    yield sample
-                last_key = sample.get("__key__")
-                seen += 1
-        except StorageError:
-            raise  # a connection that could not be resumed: never a silently shorter epoch
+            stream = self._storage().open_read(name)
+        except StorageError as exc:
+            raise _shard_error(exc, url, last_key) from None
+        except Exception as exc:  # absent (FileNotFoundError) or unreadable locally: data
+            self._shard_broken(name, last_key, exc, expected, seen, mine, counter)
+            return
+        try:
+            with stream:
+                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                    if mine(seen):
+                        sample["__shard__"] = name
+                        yield sample
+                    last_key = sample.get("__key__")
+                    seen += 1
+        except StorageError as exc:
+            raise _shard_error(exc, url, last_key) from None  # never a silently shorter epoch
         except Exception as exc:
             self._shard_broken(name, last_key, exc, expected, seen, mine, counter)
             return
@@ -253,6 +272,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         return self._batches(self._decode(self._samples(shards, slot, modulus, counter), counter), counter, None)
 
 
+def _shard_error(exc: StorageError, url: str, last_key: str | None) -> StorageError:
+    """The storage error, restated with the shard and the sample it was reading after."""
+    where = f"after sample key {last_key!r}" if last_key else "before its first sample"
+    kind = StorageUnavailableError if isinstance(exc, StorageUnavailableError) else StorageError
+    return kind(f"shard {url}: reading {where}: {exc.message}", url=url, cause=exc.cause)
+
+
 def _worker_init(_: int) -> None:
     import cv2
 
@@ -313,14 +339,15 @@ def make_loader(url: str, *, tasks: Sequence[str], image_size: int, batch_size: 
                 steps_per_epoch: int | None = None, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 256,
                 hflip: bool = False, bad_sample_policy: str = "skip", skip: int = 0,
-                multiprocessing_context: str | None = None) -> ShardLoader:
+                multiprocessing_context: str | None = None, retry: RetryPolicy | None = None) -> ShardLoader:
     """Batches from the shards at ``url`` for one rank (see the module docstring).
 
     Each batch: ``"key"`` ``list[str]``, ``"rgb"`` ``float32 [B, 3, S, S]``, ``"targets"``
     ``{task: float32 [B, C, S, S] | int64 [B, S, S]}``, ``"valid"`` ``{task: bool [B, S, S]}``
     for the requested tasks the shards have, and ``"bad_samples"`` ``int``.
     ``steps_per_epoch`` (train: required) is the epoch's length in batches per rank;
-    :func:`build_loader` derives it from a config.
+    :func:`build_loader` derives it from a config. ``retry``: how long a shard may keep failing
+    for infrastructure reasons before the loader raises (default ``RetryPolicy()``).
     """
     if mode not in MODES:
         raise ValueError(f"unknown loader mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -367,6 +394,7 @@ def make_loader(url: str, *, tasks: Sequence[str], image_size: int, batch_size: 
         image_size=image_size, batch_size=batch_size, mode=mode, steps=steps, rank=rank,
         world_size=world_size, workers=workers, seed=seed, epoch=epoch,
         skip=skip, shuffle_buffer=shuffle_buffer, hflip=hflip and mode == "train", policy=bad_sample_policy,
+        retry=retry or RetryPolicy(),
     )
     return ShardLoader(plan, num_workers, multiprocessing_context)
 
@@ -383,7 +411,7 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
     t, d = cfg.train, cfg.data
     common = dict(tasks=cfg.tasks, image_size=cfg.model.img_size, batch_size=t.micro_batch_size, rank=rank,
                   world_size=world_size, num_workers=d.num_workers, seed=t.seed,
-                  bad_sample_policy=d.bad_sample_policy)
+                  bad_sample_policy=d.bad_sample_policy, retry=RetryPolicy.from_config(d))
     if split == "val":
         if d.val is None:
             raise ValueError("data.val: no validation shards configured")

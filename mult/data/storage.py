@@ -12,7 +12,10 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from mult.data.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,41 @@ TMP_MARKER = ".tmp-"  # local temporary files: ``.{name}.tmp-{uuid}``, never lis
 
 
 class StorageError(IOError):
-    """A storage operation failed after its retries; the message names the object."""
+    """A storage operation failed; the message names the object (``url``) and the error (``cause``).
+
+    The attributes survive code that rewrites ``args`` (webdataset appends to them), so a
+    caller can rebuild a message from them.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, cause: str | None = None):
+        super().__init__(message)
+        self.message, self.url, self.cause = message, url, cause
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class StorageUnavailableError(StorageError):
+    """Infrastructure, not data: the store kept failing (throttling, 5xx, credentials, timeouts,
+    resets) for longer than ``data.storage_retry_s`` for one object. See :mod:`mult.data.retry`."""
+
+
+class InsufficientSpaceError(StorageError):
+    """A local disk lacks the bytes a write is about to need; nothing was written."""
+
+
+def ensure_free_space(directory: str | os.PathLike, need: int, what: str) -> None:
+    """Raise :class:`InsufficientSpaceError` naming ``directory``, the need and the free bytes
+    when ``need`` bytes would not fit (checked before writing, so no half-written file is left)."""
+    path = Path(directory)
+    while not path.exists() and path != path.parent:  # the disk of the nearest existing parent
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if need > free:
+        raise InsufficientSpaceError(
+            f"not enough free space in {str(directory)!r} for {what}: need {need} bytes "
+            f"({need / 2**30:.2f} GiB), {free} bytes ({free / 2**30:.2f} GiB) free",
+            url=str(directory), cause="no space")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,8 +92,13 @@ class Storage:
         """Bytes of an object, or None when it does not exist."""
         raise NotImplementedError
 
-    def list(self, prefix: str = "") -> list[str]:  # pragma: no cover - abstract
+    def list(self, prefix: str = "") -> list[str]:
         """Relative paths of all objects under ``prefix`` (a path prefix, not a glob), sorted."""
+        return sorted(self.sizes(prefix))
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:  # pragma: no cover - abstract
+        """``{relative path: bytes}`` of all objects under ``prefix``: a listing that can tell a
+        whole object from a cut-off one."""
         raise NotImplementedError
 
     def delete(self, rel: str) -> None:  # pragma: no cover - abstract
@@ -75,8 +117,11 @@ def _check_rel(rel: str) -> str:
     return rel
 
 
-def open_storage(url: str | os.PathLike) -> "Storage":
-    """A :class:`LocalStorage` for a path or ``file://`` URL, an :class:`S3Storage` for ``s3://``."""
+def open_storage(url: str | os.PathLike, *, retry: "RetryPolicy | None" = None) -> "Storage":
+    """A :class:`LocalStorage` for a path or ``file://`` URL, an :class:`S3Storage` for ``s3://``.
+
+    ``retry`` (S3 only): how long one object may keep failing (default: ``RetryPolicy()``).
+    """
     url = os.fspath(url)
     if url.startswith("s3://"):
         from mult.data.s3 import S3Storage
@@ -84,7 +129,7 @@ def open_storage(url: str | os.PathLike) -> "Storage":
         bucket, _, prefix = url[len("s3://"):].partition("/")
         if not bucket:
             raise ValueError(f"S3 URL {url!r} has no bucket; expected s3://bucket/prefix")
-        return S3Storage(bucket, prefix)
+        return S3Storage(bucket, prefix, retry=retry)
     if url.startswith("file://"):
         return LocalStorage(url[len("file://"):])
     if "://" in url:
@@ -134,8 +179,14 @@ class LocalStorage(Storage):
             tmp.unlink(missing_ok=True)
 
     def download_file(self, rel: str, local_path: str | os.PathLike) -> None:
-        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._path(rel), local_path)
+        src, dest = self._path(rel), Path(local_path)
+        ensure_free_space(dest.parent, src.stat().st_size, f"a copy of {src}")
+        tmp = self._tmp_for(dest)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def exists(self, rel: str) -> bool:
         return self._path(rel).is_file()
@@ -146,19 +197,23 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             return None
 
-    def list(self, prefix: str = "") -> list[str]:
+    def sizes(self, prefix: str = "") -> dict[str, int]:
         prefix = _check_rel(prefix)
         if not self.root.is_dir():
-            return []
-        out = []
+            return {}
+        out = {}
         for dirpath, _, files in os.walk(self.root):
             for name in files:
                 if name.startswith(".") and TMP_MARKER in name:
                     continue
-                rel = Path(dirpath, name).relative_to(self.root).as_posix()
+                path = Path(dirpath, name)
+                rel = path.relative_to(self.root).as_posix()
                 if rel.startswith(prefix):
-                    out.append(rel)
-        return sorted(out)
+                    try:
+                        out[rel] = path.stat().st_size
+                    except FileNotFoundError:  # removed while we listed
+                        continue
+        return out
 
     def delete(self, rel: str) -> None:
         self._path(rel).unlink(missing_ok=True)

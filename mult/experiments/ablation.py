@@ -57,7 +57,7 @@ RESULT_VERSION = 1
 _FINGERPRINT_IGNORED = {
     "train": ("storage_path", "run_name", "baselines", "max_failures", "log_every", "checkpoint_every",
               "keep_checkpoints", "val_every"),
-    "data": ("num_workers",),
+    "data": ("num_workers", "storage_retry_s", "storage_timeout_s"),
     "model": ("activation_checkpointing", "compile"),
 }
 _FINGERPRINT_IGNORED_SECTIONS = ("scaling", "tune", "metrics")

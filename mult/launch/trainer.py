@@ -17,23 +17,24 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mult.config import from_dict, to_dict
+from mult.data.retry import RetryPolicy
 from mult.launch.env import init_ray
 from mult.training.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
 
-def storage_args(storage_url: str) -> dict[str, Any]:
+def storage_args(storage_url: str, retry: RetryPolicy | None = None) -> dict[str, Any]:
     """Ray's storage arguments for a run or experiment root: a plain path, or an explicit
     pyarrow S3 filesystem with ``storage_path`` as ``bucket/prefix``.
 
     The explicit filesystem carries ``AWS_ENDPOINT_URL`` to Ray's controller and workers,
     whatever environment they were started with; credentials come from the standard chain.
+    It is how Ray Train writes and reads checkpoints, so it retries as ``retry`` asks
+    (:class:`RetryingS3FileSystem`).
     """
     if not storage_url.startswith("s3://"):
         return {"storage_path": storage_url}
-    import pyarrow.fs
-
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     kwargs: dict[str, Any] = {}
     if endpoint:
@@ -42,7 +43,12 @@ def storage_args(storage_url: str) -> dict[str, Any]:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return {"storage_path": storage_url[len("s3://"):], "storage_filesystem": pyarrow.fs.S3FileSystem(**kwargs)}
+    from mult.launch.s3fs import RetryingS3FileSystem, pyarrow_attempts
+
+    policy = retry or RetryPolicy()
+    fs = RetryingS3FileSystem(max_attempts=pyarrow_attempts(policy), connect_timeout=min(10.0, policy.timeout_s),
+                              request_timeout=policy.timeout_s, **kwargs)
+    return {"storage_path": storage_url[len("s3://"):], "storage_filesystem": fs}
 
 
 class RaySession:
@@ -86,8 +92,11 @@ class RaySession:
 
         if self.rank == 0:
             self._to_dashboard(metrics)
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint_dir is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                         checkpoint_upload_fn=_persist_verified)
 
     def flush(self, metrics: dict[str, float]) -> None:
         """One more report, without a checkpoint. Ray Train's per-worker result queue holds one
@@ -114,6 +123,37 @@ class RaySession:
                         gauge.set(value, tags={"task": key[len("loss/"):]})
             elif name in metrics and math.isfinite(metrics[name]):
                 gauge.set(metrics[name])
+
+
+def _persist_verified(checkpoint: Any, checkpoint_dir_name: str) -> Any:
+    """Ray's own upload of a checkpoint, then a check that every file arrived whole.
+
+    pyarrow's ``copy_files`` (what Ray uploads with) does not raise when a file's upload fails
+    after its retries: measured with pyarrow 26, the error is only logged ("Error ignored when
+    destroying file") and the file is missing, and Ray would register the checkpoint. Raising
+    here keeps it unregistered: the worker fails and Ray restarts from the last checkpoint that
+    did arrive whole (``train.max_failures``).
+    """
+    import ray.train
+
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+    verify_persisted(Path(checkpoint.path), persisted.filesystem, persisted.path)
+    return persisted
+
+
+def verify_persisted(local_dir: Path, filesystem: Any, path: str) -> None:
+    """Raise :class:`~mult.training.checkpoint.CheckpointError` unless every file that
+    ``local_dir``'s ``complete.json`` lists is at ``path`` on ``filesystem`` with its size."""
+    import pyarrow.fs
+
+    from mult.training.checkpoint import COMPLETE_FILE, CheckpointError, why_incomplete
+
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    files = {info.base_name: info.size for info in infos if info.type == pyarrow.fs.FileType.File}
+    reason = why_incomplete(files, (local_dir / COMPLETE_FILE).read_bytes())
+    if reason:
+        raise CheckpointError(f"checkpoint upload to {path} is incomplete: {reason}; the upload's "
+                              "retries gave up (data.storage_retry_s), so it is not registered")
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
@@ -199,7 +239,7 @@ def build_trainer(plan: RunPlan, callbacks: list | None = None, controller_failu
                 checkpoint_score_order="min",
             ),
             callbacks=callbacks,
-            **storage_args(plan.storage_url),
+            **storage_args(plan.storage_url, retry=RetryPolicy.from_config(cfg.data)),
         ),
     )
 

@@ -163,10 +163,14 @@ def list_runs(storage_url: str, prefix: str) -> list[str]:
 
 
 def _has_checkpoint(storage_url: str, run_name: str) -> bool:
-    from mult.data.storage import open_storage
+    """Whether the run holds a complete checkpoint; incomplete ones (cut off while saved or
+    uploaded) are named in a warning and never count."""
+    from mult.training.checkpoint import scan_checkpoints
 
-    names = open_storage(f"{storage_url.rstrip('/')}/{run_name}").list("")
-    return any(n.startswith("checkpoint_") and n.endswith("/model.pt") for n in names)
+    complete, incomplete = scan_checkpoints(f"{storage_url.rstrip('/')}/{run_name}")
+    for name, reason in incomplete.items():
+        log.warning("run %s: skipping incomplete checkpoint %s: %s", run_name, name, reason)
+    return bool(complete)
 
 
 def choose_run_name(cfg: Config, storage_url: str, resume: str | bool) -> str:
