@@ -24,9 +24,10 @@ from mult.tasks import INPUT_DOMAIN, MASK_DOMAIN, TASKS
 # ---------------------------------------------------------------------------------------------
 # Manifest.
 # ---------------------------------------------------------------------------------------------
-def read_manifest(url: str) -> dict[str, Any]:
-    """Load and check ``{url}/manifest.json`` (local directory or ``s3://bucket/prefix``)."""
-    storage = open_storage(url)
+def read_manifest(url: str, *, retry: Any = None) -> dict[str, Any]:
+    """Load and check ``{url}/manifest.json`` (local directory or ``s3://bucket/prefix``);
+    ``retry``: a :class:`mult.data.retry.RetryPolicy` for S3 (default: the storage layer's)."""
+    storage = open_storage(url, retry=retry)
     try:
         manifest = json.loads(storage.read_bytes(MANIFEST_NAME))
     except FileNotFoundError:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "MULT_FAULT_AT_STEP"
 FAULT_KIND_ENV = "MULT_FAULT_KIND"  # exit | sigterm | nan
 SMOKE_MAX_STEPS = 4
+PREFLIGHT_RETRY_S = 20.0  # how long a pre-flight read may keep failing (storage is down, or the URL is wrong)
 
 
 class PreflightError(ValueError):
@@ -104,10 +105,11 @@ def probe_write(url: str, key: str) -> None:
     """Write a small object under ``url`` and delete it: a bucket that can be read but not
     written (a read-only role, a bucket policy, an expired session) fails here, before any
     worker starts, instead of at the first checkpoint hours later."""
+    from mult.data.retry import RetryPolicy
     from mult.data.storage import open_storage
 
     name = f".mult-preflight-{secrets.token_hex(6)}"
-    storage = open_storage(url)
+    storage = open_storage(url, retry=RetryPolicy(max_retry_s=PREFLIGHT_RETRY_S, timeout_s=PREFLIGHT_RETRY_S))
     try:
         storage.write_bytes(name, b"mult pre-flight write probe; safe to delete\n")
     except Exception as exc:
@@ -128,10 +130,12 @@ def check_shards(url: str, key: str, tasks: list[str]) -> int:
     :func:`prepare`. A task that only some shards have is allowed, with a warning: those
     samples carry no label for it (an all-invalid mask), as for a view whose file was missing.
     """
+    from mult.data.retry import RetryPolicy
     from mult.data.samples import read_manifest, task_coverage
 
     try:
-        manifest = read_manifest(url)
+        # a wrong endpoint or bucket should fail in seconds here, not after a training read's bound
+        manifest = read_manifest(url, retry=RetryPolicy(max_retry_s=PREFLIGHT_RETRY_S, timeout_s=PREFLIGHT_RETRY_S))
     except Exception as exc:  # missing object, unreachable endpoint, bad JSON: all the same to a user
         raise PreflightError(f"{key}: cannot read the shard manifest at {url!r}: {exc}") from exc
     absent, partial = task_coverage(manifest, tasks)
