@@ -74,6 +74,20 @@ def _mode_list(text: str) -> list[str]:
     return modes
 
 
+def _floor(abl):
+    """The constant predictor's validation metrics for the modes table; None (and a warning)
+    when it cannot be fitted or scored."""
+    if "modes" not in abl.studies:
+        return None
+    from mult.experiments.constant import constant_val_metrics
+
+    try:
+        return constant_val_metrics(abl.cfg)
+    except Exception as exc:  # the trained runs' tables still stand
+        log.warning("no constant-predictor row: %s", exc)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     new, failures = run_pending(abl, pending, store, launcher=args.launcher, cpus=args.cpus_per_run,
                                 gpus=args.gpus_per_run, driver_cpus=args.driver_cpus, max_retries=args.max_retries,
                                 max_concurrent=args.max_concurrent)
-    write_reports(abl, {**done, **new})
+    write_reports(abl, {**done, **new}, constant=_floor(abl))
     log.info("report: %s", abl.out / "report.md")
     if failures:
         log.error("%d run(s) failed (rerun the same command to retry them): %s", len(failures),

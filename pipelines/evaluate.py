@@ -47,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-samples", type=int, default=4,
                    help="samples per set in the prediction grids (those with the smallest keys)")
     p.add_argument("--max-batches", type=int, default=None, help="cut each worker's pass short (smoke tests)")
+    p.add_argument("--floor-samples", type=int, default=256,
+                   help="training samples the constant-predictor row is fitted on (0: no such row)")
     p.add_argument("--no-ray", action="store_true", help="evaluate in this process, without Ray")
     p.add_argument("--smoke-test", action="store_true",
                    help="2 batches per worker, 2 fine-tuning steps, 2 grid samples")
@@ -63,6 +65,19 @@ def _baselines(items: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
+def _with_floor(entries, cfg, runs, args, common) -> list[dict[str, Any]]:
+    """Each set's row followed by the constant predictor's, fitted on the checkpoint's training
+    shards (``data.train`` of its config); without them, no such rows and a warning."""
+    from mult.experiments.constant import LABEL, constant_for
+
+    try:
+        floor = constant_for(cfg, max_samples=args.floor_samples)
+    except Exception as exc:  # shards moved or unreachable: the model's rows still stand
+        log.warning("no %s rows: cannot fit it on the training shards %s (%s)", LABEL, cfg.data.train, exc)
+        return entries
+    return tr.with_floor(entries, floor, cfg.tasks, runs, args.out, LABEL, **common)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -71,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for flag in ("num_workers", "batch_size", "finetune_steps"):
         if getattr(args, flag) < 1:
             raise tr.EvaluationError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    if args.floor_samples < 0:
+        raise tr.EvaluationError(f"--floor-samples: must be >= 0, got {args.floor_samples}")
     if args.grid_samples < 0:
         raise tr.EvaluationError(f"--grid-samples: must be >= 0, got {args.grid_samples}")
     runs = tr.plan_sets(args.data, args.finetune, args.blur)
@@ -86,13 +103,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from mult.launch.transfer import RayRunner
 
         runner = RayRunner(args.cpus_per_worker)
-    entries = tr.evaluate_sets(
-        model, cfg.tasks, runs, args.out, runner=runner, infos=infos, image_size=cfg.model.img_size,
-        precision=cfg.train.precision, normalize=cfg.loss.normalize, num_workers=args.num_workers,
-        batch_size=args.batch_size,
-        grid_samples=args.grid_samples, max_batches=args.max_batches, finetune_steps=args.finetune_steps,
-        finetune_lr=args.finetune_lr,
-    )
+    common = dict(runner=runner, infos=infos, image_size=cfg.model.img_size, precision=cfg.train.precision,
+                  normalize=cfg.loss.normalize, num_workers=args.num_workers, batch_size=args.batch_size,
+                  max_batches=args.max_batches)
+    entries = tr.evaluate_sets(model, cfg.tasks, runs, args.out, grid_samples=args.grid_samples,
+                               finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, **common)
+    if args.floor_samples > 0:
+        entries = _with_floor(entries, cfg, runs, args, common)
     results = tr.build_results(args.checkpoint, cfg.tasks, entries)
     results["partial"] = args.max_batches is not None
     attach_baselines(results, baselines)

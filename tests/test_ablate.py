@@ -58,7 +58,10 @@ def test_smoke_ablation_end_to_end_and_resume(ray_head, tmp_path):
     table = results["pairwise"]["table"]
     assert table["normal"]["depth_zbuffer"]["n"] == 2 and table["depth_zbuffer"]["normal"]["n"] == 2
     assert [r["k"] for r in results["num_tasks"]["rows"]] == [2]
+    floor = results["modes"]["constant"]  # the constant predictor on the same validation batches
+    assert set(floor) == {"normal", "depth_zbuffer"} and "mean_angle" in floor["normal"]
     report = (out / "report.md").read_text()
+    assert "| constant predictor (the floor) |" in report
     assert "| mode | Delta-m % |" in report and "| tested \\ partner |" in report and "| k | added |" in report
     baselines = json.loads((out / "baselines.json").read_text())
     assert set(baselines) == {"normal", "depth_zbuffer"} and "mean_angle" in baselines["normal"]

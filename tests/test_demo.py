@@ -57,8 +57,13 @@ def test_demo_runs_the_whole_chain(ray_head, tmp_path):
         assert f'"{name}' in text, name
     assert list((out / "eval" / "grids").glob("*.png"))
 
+    labels = [e["label"] for e in results["sets"]]
+    for name in ("taskonomy", "replica", "nyu", "cocodoom"):  # each plain set is followed by its floor
+        assert labels[labels.index(name) + 1] == f"{name}: constant predictor"
+
     report = (out / "report.md").read_text()
-    for heading in ("## Stages", "## Training (default weights)", "## Loss-weight search", "## Domain transfer"):
+    for heading in ("## Stages", "## Training (default weights)", "## Loss-weight search",
+                    "## The model against the floor (taskonomy test)", "## Domain transfer"):
         assert heading in report
 
 

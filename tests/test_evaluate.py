@@ -521,3 +521,37 @@ def test_ray_job_submit_smoke(ray_head, shard_sets, tmp_path):
     entry = saved["sets"][0]
     assert entry["label"] == "replica" and entry["tasks"] == ["depth_zbuffer", "normal"]
     assert entry["num_samples"] > 0 and (out / "grids" / "replica_normal.png").is_file()
+
+
+def test_constant_predictor_rows_follow_each_plain_set(shard_sets, tmp_path):
+    """The floor: each plain set's row is followed by the constant predictor's, fitted on the
+    checkpoint's training shards; its loss is the L1 of the per-pixel median (numpy's) there."""
+    from mult import load_config
+    from mult.losses import masked_l1
+    from mult.model import build_model
+    from mult.training.checkpoint import save_checkpoint
+
+    train = shard_sets["taskonomy"]  # fitted and scored on the same shards: the median's own loss
+    cfg = load_config(REPO / "configs" / "cpu-small.yaml", ["tasks=[normal,depth_zbuffer]", "model.img_size=32",
+                                                            "model.reference_task=normal", f"data.train={train}"])
+    ckpt = save_checkpoint(tmp_path / "ckpt", model=build_model(cfg), config=cfg, step=0)
+    results = ev.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--no-ray", "--batch-size", "2",
+                       "--data", f"taskonomy={train}", f"nyu={shard_sets['nyu']}", "--blur", "2"])
+    labels = [e["label"] for e in results["sets"]]
+    assert labels == ["taskonomy", "taskonomy: constant predictor", "nyu", "nyu: constant predictor",
+                      "taskonomy+blur2"]
+    floor = results["sets"][1]
+    assert floor["floor"] and sorted(floor["tasks"]) == ["depth_zbuffer", "normal"]
+    (targets, valid), _, _ = _loader_targets(train, ["normal"], 32)
+    y, v = np.stack(targets["normal"]), np.stack(valid["normal"])
+    masked = np.where(v[:, None], y, np.nan)
+    count = (~np.isnan(masked)).sum(axis=0)
+    ordered = np.sort(masked, axis=0)  # NaN last
+    median = np.take_along_axis(ordered, np.maximum(count - 1, 0)[None] // 2, axis=0)[0]
+    expected = masked_l1(torch.from_numpy(median).float().expand(len(y), -1, -1, -1), torch.from_numpy(y),
+                         torch.from_numpy(v))
+    # the suite averages each batch's loss (over that batch's valid pixels), this pools them: a
+    # hair apart (the median's own choice is checked against numpy in test_constant.py)
+    assert floor["metrics"]["normal"]["loss"] == pytest.approx(float(expected), rel=1e-3)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| taskonomy: constant predictor |" in md and "Rows ending in *constant predictor* are the floor" in md

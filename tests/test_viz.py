@@ -10,6 +10,7 @@ from mult.encodings import NUM_SEMANTIC_CLASSES
 from mult.tasks import TASKS
 from mult.experiments.viz import (
     INVALID_COLOUR,
+    MIN_CELL,
     SEPARATOR,
     GridSample,
     denormalize,
@@ -79,18 +80,27 @@ def _samples(n: int, tasks: list[str]) -> list[GridSample]:
 
 
 def test_prediction_grid_layout():
+    """Cells are enlarged by a whole factor to at least MIN_CELL pixels a side (nearest: every
+    model pixel becomes a k x k square)."""
     samples = _samples(3, ["depth_zbuffer"])
     grid = prediction_grid("depth_zbuffer", samples)
-    assert grid.shape == (3 * H + 2 * SEPARATOR, 3 * W + 2 * SEPARATOR, 3)
+    k = -(-MIN_CELL // min(H, W))
+    h, w = k * H, k * W
+    assert min(h, w) >= MIN_CELL and k > 1
+    assert grid.shape == (3 * h + 2 * SEPARATOR, 3 * w + 2 * SEPARATOR, 3)
+
+    def big(image):
+        return image.repeat(k, axis=0).repeat(k, axis=1)
+
     s = samples[1]
-    y = H + SEPARATOR
-    np.testing.assert_array_equal(grid[y : y + H, :W], denormalize(s.rgb))
-    x = W + SEPARATOR
-    np.testing.assert_array_equal(grid[y : y + H, x : x + W], draw_task("depth_zbuffer", s.preds["depth_zbuffer"]))
-    x = 2 * (W + SEPARATOR)
+    y = h + SEPARATOR
+    np.testing.assert_array_equal(grid[y : y + h, :w], big(denormalize(s.rgb)))
+    x = w + SEPARATOR
+    np.testing.assert_array_equal(grid[y : y + h, x : x + w], big(draw_task("depth_zbuffer", s.preds["depth_zbuffer"])))
+    x = 2 * (w + SEPARATOR)
     expected = draw_task("depth_zbuffer", s.targets["depth_zbuffer"], s.valid["depth_zbuffer"])
-    np.testing.assert_array_equal(grid[y : y + H, x : x + W], expected)
-    assert (grid[H : H + SEPARATOR] == 255).all()
+    np.testing.assert_array_equal(grid[y : y + h, x : x + w], big(expected))
+    assert (grid[h : h + SEPARATOR] == 255).all()
 
 
 def test_prediction_grid_errors():
@@ -106,4 +116,5 @@ def test_write_grids(tmp_path):
     assert [p.name for p in paths] == [f"taskonomy_blur2_{t}.png" for t in tasks]
     for p in paths:
         with Image.open(p) as img:
-            assert img.size == (3 * W + 2 * SEPARATOR, 2 * H + SEPARATOR)
+            k = -(-MIN_CELL // min(H, W))
+            assert img.size == (3 * k * W + 2 * SEPARATOR, 2 * k * H + SEPARATOR)

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from mult.experiments.ablation import (BASELINE_MODE, MODES, Ablation, RunResult, RunSpec, num_task_subsets,
                                        task_pairs)
+from mult.experiments.constant import LABEL
 from mult.metrics import delta_m, relative_change
 from mult.outputs import json_safe, pyplot, save_figure
 from mult.tasks import get_task
@@ -182,6 +183,10 @@ def markdown_modes(summary: Mapping[str, Any]) -> str:
     raw_rows = [["single-task (none)"] + [fmt(summary["baselines"][t][m], 3) for t, m in zip(tasks, primary)]]
     raw_rows += [[mode] + [fmt(s["metrics"][t][m], 3) for t, m in zip(tasks, primary)]
                  for mode, s in summary["modes"].items()]
+    floor = summary.get("constant")
+    if floor:
+        raw_rows.append([f"{LABEL} (the floor)"] + [f"{floor[t][m]:.3f}" if m in floor.get(t, {}) else "n/a"
+                                                   for t, m in zip(tasks, primary)])
     refs = {m: s.get("reference_task") for m, s in summary["modes"].items() if m == "reference"}
     ref_note = f" `reference` mode used `{refs['reference']}` as the reference task." if refs.get("reference") else ""
     return "\n\n".join([
@@ -293,8 +298,10 @@ def plot_num_tasks(curve: Mapping[str, Any], path: str | os.PathLike) -> Path:
     return save_figure(fig, path, dpi=120)
 
 
-def write_reports(abl: Ablation, results: Results) -> dict[str, Any]:
-    """Tables, JSON and plots for each study of this invocation; returns the combined summary."""
+def write_reports(abl: Ablation, results: Results, constant: Mapping[str, Mapping[str, float]] | None = None
+                  ) -> dict[str, Any]:
+    """Tables, JSON and plots for each study of this invocation; returns the combined summary.
+    ``constant``: the constant predictor's validation metrics (the floor row of the modes table)."""
     cfg, out = abl.cfg, abl.out
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
@@ -310,6 +317,8 @@ def write_reports(abl: Ablation, results: Results) -> dict[str, Any]:
     for study in abl.studies:
         if study == "modes":
             data = summarize_modes(results, cfg.tasks, abl.seeds, abl.modes)
+            if constant:
+                data["constant"] = {t: dict(m) for t, m in constant.items()}
             text = markdown_modes(data)
             plot_modes(data, out / "modes.png")
             name = "modes"

@@ -7,6 +7,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mult.data.datasets import TRAINING_SET
+from mult.experiments.constant import LABEL
+from mult.outputs import fmt
+from mult.tasks import get_task
+
 
 def write_report(out: Path, sizes: Any, storage: str, root: str, timings: list[tuple[str, float]]) -> Path:
     """``DIR/report.md``: what ran, with the training, search and evaluation results."""
@@ -55,6 +60,8 @@ def write_report(out: Path, sizes: Any, storage: str, root: str, timings: list[t
         lines += [f"![{p.stem}](tune/plots/{p.name})" for p in sorted((tune_dir / "plots").glob("*.png"))]
         lines.append("")
     eval_dir = out / "eval"
+    if (eval_dir / "results.json").exists():
+        lines += floor_table(json.loads((eval_dir / "results.json").read_text()))
     if (eval_dir / "report.md").exists():
         lines += ["## Domain transfer", ""]
         lines += _demote((eval_dir / "report.md").read_text(), levels=2)
@@ -65,6 +72,35 @@ def write_report(out: Path, sizes: Any, storage: str, root: str, timings: list[t
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def floor_table(results: dict[str, Any], set_name: str = TRAINING_SET) -> list[str]:
+    """The model against the constant predictor on ``set_name``'s test split: per task, both
+    losses, their ratio (below 1: the model beats a prediction that ignores the image) and
+    both primary metrics. Empty when the evaluation has no constant-predictor row."""
+    rows = [e for e in results.get("sets", []) if e.get("name") == set_name
+            and not (e.get("finetune") or e.get("corruption"))]
+    model = next((e for e in rows if not e.get("floor")), None)
+    floor = next((e for e in rows if e.get("floor")), None)
+    if model is None or floor is None:
+        return []
+    lines = [f"## The model against the floor ({set_name} test)", "",
+             f"The {LABEL} predicts the same map for every image (per-pixel median of the training "
+             "targets; segmentation: per-pixel class frequencies). Loss ratio = model / constant: "
+             "below 1 the model has learned something about the image.", "",
+             "| task | loss: model | loss: constant | ratio | primary metric | model | constant |",
+             "|---|---:|---:|---:|---|---:|---:|"]
+    for task, metrics in model["metrics"].items():
+        base = floor["metrics"].get(task, {})
+        primary = get_task(task).primary_metric
+        name = next((m.name for m in get_task(task).metrics if m.name in metrics), primary.name)
+        loss, floor_loss = metrics.get("loss"), base.get("loss")
+        ratio = loss / floor_loss if loss is not None and floor_loss else None
+        arrow = "↑" if get_task(task).metric(name).higher_is_better else "↓"
+        lines.append(f"| {task} | {fmt(loss)} | {fmt(floor_loss)} | {fmt(ratio)} | {name} {arrow} | "
+                     f"{fmt(metrics.get(name))} | {fmt(base.get(name))} |")
+    lines.append("")
+    return lines
 
 
 def _demote(markdown: str, levels: int = 1) -> list[str]:

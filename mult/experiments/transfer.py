@@ -407,6 +407,25 @@ def evaluate_sets(model: torch.nn.Module, model_tasks: Sequence[str], runs: Sequ
     return entries
 
 
+def with_floor(entries: list[dict[str, Any]], floor: torch.nn.Module, model_tasks: Sequence[str],
+               runs: Sequence[SetRun], out_dir: str | Path, label: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """``entries`` with, after each plain set's row, the same set scored by ``floor`` (a model
+    that ignores its input, :mod:`mult.experiments.constant`): the row a reader compares the
+    model's with. Fine-tuned and blurred rows get none (the floor has nothing to fine-tune,
+    and blur does not change it)."""
+    plain = [SetRun(f"{r.label}: {label}", r.name, r.url) for r in runs if not (r.finetune_url or r.blur_sigma)]
+    kwargs = {**kwargs, "grid_samples": 0}
+    floors = {e["name"]: {**e, "floor": True}
+              for e in evaluate_sets(floor, model_tasks, plain, out_dir, **kwargs)}
+    out = []
+    for entry in entries:
+        out.append(entry)
+        is_plain = not (entry.get("finetune") or entry.get("corruption"))
+        if is_plain and entry["name"] in floors:
+            out.append(floors.pop(entry["name"]))
+    return out
+
+
 def build_results(checkpoint: str, model_tasks: Sequence[str], entries: list[dict[str, Any]]) -> dict[str, Any]:
     """The results document; a set's class mapping is included when a classification task of it
     was scored."""

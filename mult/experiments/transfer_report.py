@@ -117,6 +117,10 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         "↑ higher is better, ↓ lower is better. The change vs baseline is in percent, "
         "positive = better than the single-task baseline.",
         "",
+        *(["Rows ending in *constant predictor* are the floor: the same set scored by a prediction that "
+           "ignores the image (per task, the per-pixel median of the training targets; for "
+           "segmentation, the per-pixel class frequencies), fitted on the checkpoint's training shards.", ""]
+          if any(e.get("floor") for e in results["sets"]) else []),
         "## Summary (each task's primary metric)",
         "",
         summary_table(results),
@@ -129,6 +133,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         "",
     ]
     for entry in results["sets"]:
+        if entry.get("floor"):
+            continue
         parts.append(f"### {entry['label']}")
         parts.append("")
         parts.append(f"- data: `{entry['url']}` ({entry.get('num_samples', '?')} test samples)")

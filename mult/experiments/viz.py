@@ -66,8 +66,20 @@ def draw_task(task: str, values: np.ndarray, valid: np.ndarray | None = None) ->
     return image
 
 
-def _tile(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
-    """Cells ``uint8 [h, w, 3]`` (all the same size) -> one image with white separators."""
+MIN_CELL = 128  # grid cells are enlarged (nearest, whole factors) to at least this many pixels
+
+
+def _enlarge(cell: np.ndarray, min_side: int) -> np.ndarray:
+    """Nearest-neighbour up-scaling by the smallest whole factor that makes the shorter side
+    at least ``min_side``: each model pixel stays a visible square, nothing is invented."""
+    factor = max(1, -(-min_side // min(cell.shape[:2])))
+    return np.repeat(np.repeat(cell, factor, axis=0), factor, axis=1) if factor > 1 else cell
+
+
+def _tile(rows: Sequence[Sequence[np.ndarray]], min_cell: int = MIN_CELL) -> np.ndarray:
+    """Cells ``uint8 [h, w, 3]`` (all the same size) -> one image with white separators, each
+    cell enlarged to at least ``min_cell`` pixels a side."""
+    rows = [[_enlarge(cell, min_cell) for cell in row] for row in rows]
     h, w = rows[0][0].shape[:2]
     ncols = max(len(r) for r in rows)
     out = np.full(
@@ -86,7 +98,7 @@ def _tile(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
 
 def prediction_grid(task: str, samples: Sequence[GridSample]) -> np.ndarray:
     """Rows = samples; columns = input | prediction | target. Returns ``uint8 [rows*H, 3*W, 3]``
-    (plus separators). Every sample must carry ``task``."""
+    (plus separators; H, W enlarged to at least :data:`MIN_CELL`). Every sample must carry ``task``."""
     if not samples:
         raise ValueError(f"{task}: a prediction grid needs at least one sample")
     rows = []
