@@ -47,6 +47,11 @@ class ModelConfig:
     head_channels: int | None = None  # hidden width of the task heads (default: max(16, C0 / 4))
     mlp_ratio: float = 4.0
     drop_path: float = 0.1
+    # "patch": Swin's 4x4 patch projection (the paper). "conv": a small conv stem in its place
+    # (3x3 convs with batch norm; Xiao et al. 2021), for training from scratch on little data
+    # (the CPU configs; measured in BENCHMARKS.md "Learning"). It replaces pretrained weights'
+    # patch projection, so it needs pretrained: false.
+    stem: Literal["patch", "conv"] = "patch"
     shared_attention: Literal[SHARED_ATTENTION_MODES] = "reference"  # type: ignore[valid-type]
     reference_task: str = "normal"
     activation_checkpointing: bool = False
@@ -401,6 +406,9 @@ def validate(cfg: Config) -> None:
             f"model.reference_task: {m.reference_task!r} is not among tasks ({', '.join(cfg.tasks)}); "
             "pick one of them or set model.shared_attention to 'encoder' or 'none'"
         )
+    if m.stem == "conv" and m.pretrained:
+        raise ConfigError("model.stem: 'conv' replaces the pretrained patch projection; "
+                          "use stem 'patch' with pretrained: true, or pretrained: false")
     if m.img_size % 32 or m.img_size < 32:
         raise ConfigError(f"model.img_size: must be a positive multiple of 32, got {m.img_size}")
     t = cfg.train

@@ -21,6 +21,7 @@ def test_paper_config_is_the_paper_setting():
     assert cfg.train.global_batch_size == 32
     assert cfg.optim.lr == pytest.approx(5e-5)
     assert cfg.scaling.num_workers == 32 and cfg.scaling.use_gpu
+    assert cfg.model.stem == "patch"  # Swin's patch projection, as pretrained
 
 
 def test_cpu_small_is_tiny_and_on_two_cpu_workers():
@@ -81,6 +82,8 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
         ("tune.extra_arms=[magic]", "tune.extra_arms: 'magic' is not allowed"),
         ("data.storage_retry_s=0", "data.storage_retry_s: must be a finite number of seconds > 0"),
         ("data.storage_timeout_s=-1", "data.storage_timeout_s: must be a finite number of seconds > 0"),
+        ("model.stem=pixels", "model.stem: 'pixels' is not allowed; choose one of ['patch', 'conv']"),
+        ("model.pretrained=true", "model.stem: 'conv' replaces the pretrained patch projection"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):

@@ -23,6 +23,7 @@ from mult.model import (
     WindowAttentionMap,
     build_model,
 )
+from mult.model.encoder import conv_stem
 
 CPU_SMALL = Path(__file__).resolve().parents[1] / "configs" / "cpu-small.yaml"
 VARIANTS = [
@@ -230,6 +231,30 @@ def test_encoder_features_are_layer_normed_per_stage():
     for f, norm in zip(feats, model.encoder.norms):
         torch.testing.assert_close(f.mean(dim=-1), torch.zeros(f.shape[:-1]), rtol=0, atol=1e-4)
         assert norm.normalized_shape == (f.shape[-1],)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4, 8])
+def test_conv_stem_has_the_patch_projections_shape(stride):
+    stem = conv_stem(24, stride)
+    strided = [m for m in stem if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == stride.bit_length() - 1
+    assert stem(images(batch=2, size=64)).shape == (2, 24, 64 // stride, 64 // stride)
+
+
+def test_conv_stem_replaces_only_the_patch_projection():
+    """Same stage shapes as the patch stem; the stem trains; a pretrained stem is refused."""
+    patch = build_model(tiny_cfg("tasks=[normal]", "model.stem=patch"))
+    conv = build_model(tiny_cfg("tasks=[normal]", "model.stem=conv"))
+    assert isinstance(patch.encoder.model.patch_embed.proj, torch.nn.Conv2d)
+    assert isinstance(conv.encoder.model.patch_embed.proj, torch.nn.Sequential)
+    x = images(batch=2)
+    assert [f.shape for f in conv.encoder(x)] == [f.shape for f in patch.encoder(x)]
+    conv(x)["normal"].square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in conv.encoder.model.patch_embed.parameters())
+    with pytest.raises(ValueError, match="model.stem"):
+        SwinEncoder("swin_tiny_patch4_window7_224", img_size=64, window_size=4, pretrained=True, stem="conv")
+    with pytest.raises(ValueError, match="model.stem"):
+        SwinEncoder("swin_tiny_patch4_window7_224", img_size=64, window_size=4, stem="pixels")
 
 
 def test_reference_task_is_independent_of_the_others():

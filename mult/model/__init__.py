@@ -46,6 +46,7 @@ def build_model(cfg: Config) -> MulT:
         num_heads=m.num_heads,
         mlp_ratio=m.mlp_ratio,
         drop_path=m.drop_path,
+        stem=m.stem,
     )
     decoder_heads = m.decoder_heads if m.decoder_heads is not None else encoder.num_heads[::-1]
     if len(decoder_heads) != len(encoder.channels):

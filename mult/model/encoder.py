@@ -13,6 +13,9 @@ segmentation backbone (the one MulT's released code uses):
   every timm block of the encoder is switched to it;
 * **a LayerNorm on each stage's output** before the decoders see it (timm returns raw stage
   outputs).
+
+``stem="conv"`` swaps the patch projection for :func:`conv_stem` (a CPU-recipe option for
+training from scratch; the paper's model keeps Swin's patch projection).
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class SwinEncoder(nn.Module):
         embed_dim, depths, num_heads, mlp_ratio: override the variant's architecture (tiny
             test models).
         drop_path: the encoder's stochastic depth rate (rising along its blocks, timm's rule).
+        stem: ``"patch"`` (Swin's strided patch projection) or ``"conv"`` (:func:`conv_stem`,
+            same output shape; not with ``pretrained``).
 
     Attributes published for the decoders, shallow to deep: ``channels``, ``reductions``
     (stride of each stage w.r.t. the input), ``num_heads`` and ``resolutions`` ``(h, w)``.
@@ -98,8 +103,14 @@ class SwinEncoder(nn.Module):
         num_heads: Sequence[int] | None = None,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"model.stem: {stem!r} is not allowed; choose 'patch' or 'conv'")
+        if stem == "conv" and pretrained:
+            raise ValueError("model.stem: 'conv' would discard the pretrained patch projection; "
+                             "use 'patch' with pretrained weights")
         known = timm.list_models(module="swin_transformer")
         if name.partition(".")[0] not in known:
             raise ValueError(f"model.encoder: {name!r} is not a timm Swin model; choose one of {known} "
@@ -110,6 +121,9 @@ class SwinEncoder(nn.Module):
                 kwargs[key] = tuple(value) if key != "embed_dim" else value
         self.model = _create(name, pretrained=pretrained, pretrained_path=pretrained_path, **kwargs)
         make_windows_exact(self.model)
+        if stem == "conv":
+            proj = self.model.patch_embed.proj
+            self.model.patch_embed.proj = conv_stem(proj.out_channels, proj.stride[0])
         self.img_size = img_size
         self.channels: list[int] = list(self.model.feature_info.channels())
         self.reductions: list[int] = list(self.model.feature_info.reduction())
@@ -124,6 +138,24 @@ class SwinEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``[B, 3, H, W]`` (ImageNet-normalised) -> per stage ``[B, H / r_i, W / r_i, C_i]`` (NHWC)."""
         return [norm(x) for norm, x in zip(self.norms, self.model(images))]
+
+
+def conv_stem(out_channels: int, stride: int) -> nn.Sequential:
+    """A convolutional stem with the patch projection's output shape (Xiao et al. 2021, "Early
+    convolutions help transformers see better"): a 3x3 conv at full resolution, one stride-2 3x3
+    conv per factor 2 of ``stride`` (each with batch norm and GELU), then a 1x1 conv to
+    ``out_channels``. ``[B, 3, H, W]`` -> ``[B, out_channels, H / stride, W / stride]``."""
+    if stride < 1 or stride & (stride - 1):
+        raise ValueError(f"conv_stem: stride must be a power of two, got {stride}")
+    width = max(16, out_channels // 2)
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.GELU()]
+    channels = width
+    for _ in range(stride.bit_length() - 1):
+        wider = max(out_channels, channels)
+        layers += [nn.Conv2d(channels, wider, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(wider), nn.GELU()]
+        channels = wider
+    layers.append(nn.Conv2d(channels, out_channels, 1))
+    return nn.Sequential(*layers)
 
 
 def _create(name: str, *, pretrained: bool, pretrained_path: str | None, **kwargs) -> nn.Module:
