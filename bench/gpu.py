@@ -314,13 +314,13 @@ def job_data(args: argparse.Namespace, out: dict[str, Any]) -> None:
 
 
 def make_data(args: argparse.Namespace) -> tuple[str, str]:
-    """Generated Taskonomy-format shards at the model's image size (reused when present). 32
-    training views, so 8 GPUs x 2 loader workers each have their own samples."""
+    """Generated Taskonomy-format shards at the model's image size (reused when present): 32
+    training and 16 validation views, so 8 GPUs x 2 loader workers each have their own samples."""
     from mult.data.smoke import make_smoke_dataset
 
     cfg = bench_config(args)
     return make_smoke_dataset(str(Path(args.workdir) / "data"), size=cfg.model.img_size, seed=0,
-                              splits={"train": (4, 8), "val": (1, 2)})
+                              splits={"train": (4, 8), "val": (2, 8)})
 
 
 def job_loader(args: argparse.Namespace, out: dict[str, Any]) -> None:
