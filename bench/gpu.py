@@ -3,9 +3,11 @@ loader that feeds it, and a Ray Train run with a checkpoint restored; JSON + mar
 
     python -m bench.gpu --out DIR                                # on a GPU machine, about 10 minutes
     python -m bench.gpu --out DIR --device cuda --smoke-test     # the same on a tiny model, ~1 min
+    python -m bench.gpu --out DIR2 --parts compile --budget-s 500  # one part again, with more time
     python -m bench.gpu --out DIR --device cpu --smoke-test      # what the test suite runs
 
-Run from the repository root, in the project's environment. Writes ``DIR/gpu.json``,
+Run from the repository root, in the project's environment (CUDA build of torch, ``.[all]``);
+no network is needed (random weights, generated data, a local Ray). Writes ``DIR/gpu.json``,
 ``DIR/gpu.md`` and each part's log in ``DIR/logs/``; scratch data (generated shards, Ray run
 directories with multi-GB checkpoints of the paper model) goes to ``--workdir`` (a temporary
 directory, removed at the end unless ``--keep-work``). Exit code 0 only when every part ran
