@@ -5,7 +5,9 @@
   session. ``MotoServer`` can also be started privately by a test that restarts it.
 * ``ray_head``: ONE Ray head for the whole session (``ray start --head --block`` as a child
   process, so teardown stops exactly that head by its PID; ``ray stop`` would kill every Ray
-  on the host). ``RAY_ADDRESS`` and ``RAY_AUTH_MODE`` are exported so clients connect to it.
+  on the host), with token authentication on (a random token per head, in a 0600 file in its
+  temp dir). ``RAY_ADDRESS``, ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` are exported so
+  clients connect to it; raw HTTP clients send ``ray_head.auth_headers()``.
 * ``synth_tree``: a factory, ``synth_tree(format, scenes=2, views=2, size=32, seed=0)``, that
   runs the project's generator (``python -m pipelines.synth``) once per argument set per
   session and returns the dataset root.
@@ -20,7 +22,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from mult.launch.local import MotoServer, RayHead, exported
+from mult.launch.local import MotoServer, RayHead
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,11 +43,12 @@ def ray_head(s3_server: MotoServer) -> Iterator[RayHead]:
     """One ``ray start --head`` for the session, stopped by PID at the end.
 
     It depends on ``s3_server`` so that the head (and the workers it spawns) inherit the S3
-    endpoint and fake credentials. ``RAY_AUTH_MODE=disabled`` is set for head and clients alike.
+    endpoint and fake credentials. Head and clients use the head's token
+    (:meth:`RayHead.client_environment`).
     """
     head = RayHead(num_cpus=2).start()
     try:
-        with exported(head.env):
+        with head.client_environment():
             yield head
     finally:
         head.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +23,14 @@ def make_smoke_dataset(
     size: int = 64,
     seed: int = 0,
     samples_per_shard: int = 2,
+    splits: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[str, str]:
     """Generate and shard a train and a val split under ``root_url``; returns their URLs.
 
-    ``root_url`` is a local directory or ``s3://bucket/prefix``. Train holds 8 views in
-    4 shards, val 2 views in 1 shard, ``size``² pixels, all from ``seed``.
+    ``root_url`` is a local directory or ``s3://bucket/prefix``. By default train holds 8 views
+    in 4 shards, val 2 views in 1 shard, ``size``² pixels, all from ``seed``. ``splits`` gives
+    other ``{"train": (scenes, views per scene), "val": (...)}`` sizes, for loaders with more
+    ranks x workers than 8 samples can feed (such a dataset gets its own directory).
     """
     from mult.data.datasets import TRAINING_SET, get_dataset
     from mult.data.shards import MANIFEST_NAME, ShardSettings, convert
@@ -34,9 +38,13 @@ def make_smoke_dataset(
 
     if size < 8:
         raise ValueError(f"smoke dataset size must be >= 8 pixels, got {size}")
-    base = f"{root_url.rstrip('/')}/taskonomy-{size}px-seed{seed}"
+    sizes = dict(splits) if splits is not None else SPLITS
+    if set(sizes) != set(SPLITS) or any(s < 1 or v < 1 for s, v in sizes.values()):
+        raise ValueError(f"splits must give (scenes >= 1, views >= 1) for exactly {sorted(SPLITS)}, got {sizes}")
+    suffix = "" if sizes == SPLITS else "-" + "-".join(f"{k}{s}x{v}" for k, (s, v) in sorted(sizes.items()))
+    base = f"{root_url.rstrip('/')}/taskonomy-{size}px-seed{seed}{suffix}"
     urls = {}
-    for offset, (split, (scenes, views)) in enumerate(SPLITS.items()):
+    for offset, (split, (scenes, views)) in enumerate((k, sizes[k]) for k in SPLITS):
         url = f"{base}/{split}"
         urls[split] = url
         if open_storage(url).exists(MANIFEST_NAME):

@@ -2,7 +2,8 @@
 
 Everything a cluster would provide is started here and stopped at the end: an S3-compatible
 server on 127.0.0.1 (moto's standalone server; ``storage="dir"`` uses a local directory
-instead) and one Ray head (2 CPUs, with the dashboard that ``ray job submit`` and Tune need).
+instead) and one Ray head (2 CPUs, with the dashboard that ``ray job submit`` and Tune need,
+token authentication on with a token made for that head).
 Each stage then runs as its own entry point, ``python -m pipelines.<stage>``, exactly as under
 ``ray job submit``, connected to that head through ``RAY_ADDRESS``. Stage logs go to
 ``out/logs/``; the summary is ``out/report.md`` (:mod:`mult.experiments.demo_report`).
@@ -139,7 +140,8 @@ def run_demo(out: Path, storage: str, sizes: Sizes, config: Path) -> Path:
             log.info("[setup] starting a Ray head (2 CPUs, dashboard on 127.0.0.1)")
             with exported(env):  # the head and its workers inherit the S3 settings
                 head = stack.enter_context(RayHead(num_cpus=2))
-            env.update(head.env)
+            env.update(head.env)  # the head's address and token file, for every stage
+            stack.enter_context(head.client_environment())  # and no RAY_AUTH_TOKEN from outside
         run = Runner(out, env)
         shards = f"{root}/shards"
         runs = f"{root}/runs"

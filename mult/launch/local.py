@@ -3,8 +3,9 @@
 * :class:`MotoServer`: a real S3-compatible HTTP server (moto's standalone ``moto_server``) on
   127.0.0.1, with fake credentials. Everything that talks to it goes through boto3 / pyarrow
   exactly as against AWS, with ``AWS_ENDPOINT_URL`` pointing here.
-* :class:`RayHead`: one ``ray start --head --block`` child process. It is stopped by its PID
-  (its process group), never with ``ray stop``, which would kill every Ray on the host.
+* :class:`RayHead`: one ``ray start --head --block`` child process with token authentication:
+  a random token per head, in a 0600 file inside the head's private temp dir. It is stopped by
+  its PID (its process group), never with ``ray stop``, which would kill every Ray on the host.
 
 Both are context managers, and both export their settings into ``os.environ`` only inside
 :func:`exported`, so the caller decides what its children inherit.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -53,18 +55,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers (any HTTP status), for at most ``timeout_s`` seconds."""
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None,
+              headers: dict[str, str] | None = None) -> int:
+    """Poll ``url`` until it answers, for at most ``timeout_s`` seconds; returns the HTTP status
+    (any status counts as an answer: the caller decides whether it is the one it wanted)."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
+    request = urllib.request.Request(url, headers=headers or {})
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process for {url} exited early with code {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # the server answered, just not with 200
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code  # the server answered, just not with 200
         except OSError as exc:
             last = exc
             time.sleep(0.2)
@@ -177,13 +182,43 @@ class MotoServer:
         self.stop()
 
 
+# Ray's token authentication (2.52+): the mode, and where a process finds the token. The token
+# variable outranks the path, so a stray RAY_AUTH_TOKEN in the caller's environment is removed.
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+
+
+def refresh_ray_auth() -> None:
+    """Make this process's Ray (if already imported) see the current ``RAY_AUTH_*`` variables.
+
+    Ray reads its configuration, the auth mode included, once when ``ray._raylet`` is imported
+    and caches the token on first use; a process that imported Ray before exporting a head's
+    settings would otherwise keep connecting without (or with a stale) token. Ray's own tests
+    reset the same two caches. A connected driver keeps its settings (it is left alone, with a
+    warning): call this before ``ray.init`` and after ``ray.shutdown``.
+    """
+    raylet = sys.modules.get("ray._raylet")
+    if raylet is None:
+        return  # Ray reads the environment when it is first imported
+    if sys.modules["ray"].is_initialized():
+        log.warning("Ray is initialised in this process: its auth settings are left as they are")
+        return
+    raylet.Config.initialize("")
+    raylet.AuthenticationTokenLoader.instance().reset_cache()
+
+
 @dataclass
 class RayHead:
-    """One ``ray start --head --block`` child process, with its own ports and temp dir.
+    """One ``ray start --head --block`` child process, with its own ports and temp dir, and
+    token authentication on.
 
-    The head and the workers it spawns inherit this process's environment at :meth:`start`
-    (so export S3 settings first). ``RAY_AUTH_MODE=disabled`` is used for the head and, through
-    :attr:`env`, for its clients: STACK.md's token-auth mismatch otherwise breaks job submission.
+    :meth:`start` generates a random token for this head only and writes it to a 0600 file in
+    the head's private temp dir (removed at :meth:`stop`; never in the repository, never in a
+    runtime environment). The head, the workers and job drivers it spawns, and every client
+    given :attr:`env` (``ray.init``, ``ray job submit``, the job SDK, Tune and Train) find it
+    through ``RAY_AUTH_TOKEN_PATH``. HTTP clients outside Ray send :meth:`auth_headers`. The
+    head inherits this process's environment at :meth:`start` (so export S3 settings first).
     """
 
     num_cpus: int = 2
@@ -191,14 +226,41 @@ class RayHead:
     address: str = ""
     dashboard_url: str = ""
     temp_dir: str = ""
+    token_path: str = ""
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
     def env(self) -> dict[str, str]:
-        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        """What a client of this head needs (export it without ``RAY_AUTH_TOKEN``: see
+        :meth:`client_environment`)."""
+        return {"RAY_ADDRESS": self.address, AUTH_MODE_ENV: "token", AUTH_TOKEN_PATH_ENV: self.token_path,
+                "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def auth_headers(self) -> dict[str, str]:
+        """The ``Authorization`` header the dashboard and job API expect from this head's clients."""
+        return {"Authorization": f"Bearer {Path(self.token_path).read_text().strip()}"}
+
+    @contextlib.contextmanager
+    def client_environment(self) -> Iterator[None]:
+        """Export :attr:`env` (and drop ``RAY_AUTH_TOKEN``, which would outrank the path) while
+        the context is open; this process's Ray, if imported, follows (:func:`refresh_ray_auth`)."""
+        try:
+            with exported(self.env, unset=(AUTH_TOKEN_ENV,)):
+                refresh_ray_auth()
+                yield
+        finally:
+            refresh_ray_auth()
+
+    def _write_token(self) -> None:
+        """A fresh random token (256 bits, hex) in a file only this user can read."""
+        self.token_path = str(Path(self.temp_dir) / "auth_token")
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
 
     def start(self, timeout_s: float = 180.0) -> "RayHead":
-        self.temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths are short
+        self.temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # 0700; Ray's socket paths are short
+        self._write_token()
         port, dash = free_port(), free_port()
         cmd = [
             str(VENV_BIN / "ray"), "start", "--head", "--block",
@@ -216,11 +278,13 @@ class RayHead:
         ]
         env = {
             **os.environ,
-            "RAY_AUTH_MODE": "disabled",
+            AUTH_MODE_ENV: "token",
+            AUTH_TOKEN_PATH_ENV: self.token_path,
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
         env.pop("RAY_ADDRESS", None)
+        env.pop(AUTH_TOKEN_ENV, None)
         log_path = Path(self.temp_dir) / "ray-start.log"
         with open(log_path, "ab") as log_fh:
             self.proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT,
@@ -228,11 +292,14 @@ class RayHead:
         self.address = f"127.0.0.1:{port}"
         self.dashboard_url = f"http://127.0.0.1:{dash}"
         try:
-            wait_http(f"{self.dashboard_url}/api/version", timeout_s, self.proc)
+            status = wait_http(f"{self.dashboard_url}/api/version", timeout_s, self.proc, self.auth_headers())
+            if status != 200:
+                raise RuntimeError(f"the Ray head's dashboard answered {status} to its own token "
+                                   f"(expected 200); see {log_path}")
         except RuntimeError:
             self.stop()
             raise
-        log.info("Ray head at %s, dashboard %s", self.address, self.dashboard_url)
+        log.info("Ray head at %s, dashboard %s (token authentication)", self.address, self.dashboard_url)
         return self
 
     def stop(self) -> None:
