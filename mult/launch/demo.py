@@ -43,8 +43,10 @@ class Sizes:
     tune_steps: int
 
 
-FULL = Sizes(render=128, taskonomy_buildings=7, taskonomy_views=16, transfer_views=8,
-             train_steps=200, tune_trials=4, tune_steps=24)
+# 40 buildings (about 28 for training): with the 5 training buildings of earlier versions not even
+# a conv net generalised depth or normals to an unseen building (BENCHMARKS.md, Learning).
+FULL = Sizes(render=128, taskonomy_buildings=40, taskonomy_views=16, transfer_views=8,
+             train_steps=400, tune_trials=4, tune_steps=24)
 SMALLEST = Sizes(render=64, taskonomy_buildings=4, taskonomy_views=6, transfer_views=4,
                  train_steps=8, tune_trials=4, tune_steps=8)
 
