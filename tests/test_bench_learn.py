@@ -20,7 +20,7 @@ TASKS = load_config(REPO / "configs" / "cpu-small.yaml").tasks
 
 
 def test_unet_outputs_every_task_at_input_size() -> None:
-    from bench.unet import UNet
+    from bench.learn import UNet
 
     model = UNet(TASKS)
     out = model(torch.randn(2, 3, 32, 48))

@@ -347,14 +347,15 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
     reference = timm.create_model("swin_tiny_patch4_window7_224", **TINY_ARCH)
     path = tmp_path / "swin.pth"
     torch.save(reference.state_dict(), path)
-    cfg = tiny_cfg("tasks=[normal]", "model.pretrained=true", f"model.pretrained_path={path}", "model.mlp_ratio=4.0")
+    cfg = tiny_cfg("tasks=[normal]", "model.stem=patch", "model.pretrained=true", f"model.pretrained_path={path}",
+                   "model.mlp_ratio=4.0")
     model = build_model(cfg)
     got = model.encoder.model.layers_2.blocks[0].attn.qkv.weight
     torch.testing.assert_close(got, reference.layers[2].blocks[0].attn.qkv.weight, rtol=0, atol=0)
 
 
 def test_missing_local_weights_file_is_named(tmp_path):
-    cfg = tiny_cfg("model.pretrained=true", f"model.pretrained_path={tmp_path / 'nope.pth'}")
+    cfg = tiny_cfg("model.stem=patch", "model.pretrained=true", f"model.pretrained_path={tmp_path / 'nope.pth'}")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_model(cfg)
 
