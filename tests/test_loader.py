@@ -12,12 +12,13 @@ import torch
 
 from mult.data import shards as sh
 from mult.data.loader import BadSampleError, make_loader
-from mult.data.png import encode_png, read_png
+from mult.data.png import read_png
 from mult.data.samples import decode_members, load_members, read_manifest
 from mult.data.storage import open_storage
 from mult.data.transforms import normalize_rgb
 from mult.tasks import TASKS
 from mult.launch.local import MotoServer
+from noiseshards import noise_shard
 
 TASK_LIST = list(TASKS)
 
@@ -242,30 +243,10 @@ def test_s3_matches_local(many: str, s3_server: MotoServer) -> None:
     assert all(torch.equal(a["targets"]["normal"], b["targets"]["normal"]) for a, b in zip(local, remote))
 
 
-def _big_shards(out: Path, views: int, size: int) -> str:
-    """Taskonomy-format shards whose rgb is noise (incompressible), so one shard is many MB."""
-    rng = np.random.default_rng(0)
-    out.mkdir(parents=True)
-    builder = sh.ShardBuilder(out / "big-000000.tar")
-    for i in range(views):
-        builder.add(f"big-p{i}-v0", {
-            "rgb.png": encode_png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
-            "depth_zbuffer.png": encode_png(np.full((size, size), 3000 + i, np.uint16)),
-        })
-    nbytes, sha = builder.close()
-    manifest = {"format_version": sh.FORMAT_VERSION, "format": "taskonomy", "encoding": "original",
-                "tasks": ["depth_zbuffer"], "num_samples": views,
-                "shards": [{"name": "big-000000.tar", "samples": views, "bytes": nbytes, "sha256": sha}]}
-    import json
-
-    (out / sh.MANIFEST_NAME).write_text(json.dumps(manifest))
-    return str(out)
-
-
 def test_server_restart_mid_shard(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """moto is restarted (and its data re-uploaded) while the loader is in the middle of a
     ~40 MB shard: the read resumes where it broke and the epoch is complete."""
-    local = _big_shards(tmp_path / "big", views=10, size=1024)
+    local = str(noise_shard(tmp_path / "big", views=10, size=1024, name="big"))
     server = MotoServer(log_dir=tmp_path).start()
 
     def upload() -> None:

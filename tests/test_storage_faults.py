@@ -28,6 +28,7 @@ from mult.data.s3 import S3Storage
 from mult.data.samples import read_manifest
 from mult.data.storage import StorageUnavailableError, open_storage
 from mult.launch.local import MotoServer
+from noiseshards import noise_shard
 
 FAST = RetryPolicy(max_retry_s=30, timeout_s=1, base_delay_s=0.05, max_delay_s=0.5)
 BUCKET = "faults"
@@ -99,35 +100,11 @@ def test_transient_faults_lose_no_sample(proxy: FaultProxy, s3_server: MotoServe
     assert any(r.ranged for r in proxy.records(names[4])), "the stalled read should resume with a ranged GET"
 
 
-def _noise_shard(out: Path, views: int, size: int) -> Path:
-    """One Taskonomy-format shard whose rgb is noise (incompressible): several reads long."""
-    import json
-
-    import numpy as np
-
-    from mult.data.png import encode_png
-
-    rng = np.random.default_rng(0)
-    out.mkdir(parents=True)
-    builder = sh.ShardBuilder(out / "noise-000000.tar")
-    for i in range(views):
-        builder.add(f"noise-p{i}-v0", {
-            "rgb.png": encode_png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
-            "depth_zbuffer.png": encode_png(np.full((size, size), 3000 + i, np.uint16)),
-        })
-    nbytes, sha = builder.close()
-    (out / sh.MANIFEST_NAME).write_text(json.dumps({
-        "format_version": sh.FORMAT_VERSION, "format": "taskonomy", "encoding": "original",
-        "tasks": ["depth_zbuffer"], "num_samples": views,
-        "shards": [{"name": "noise-000000.tar", "samples": views, "bytes": nbytes, "sha256": sha}]}))
-    return out
-
-
 def test_persistent_403_mid_shard_fails_naming_shard_key_and_error(proxy: FaultProxy, s3_server: MotoServer,
                                                                      tmp_path: Path) -> None:
     """Under the default `skip` policy, credentials that stay expired are not bad samples: the
     loader (here in a DataLoader worker process) raises once the bound is spent."""
-    url, listed = _in_s3(s3_server, _noise_shard(tmp_path / "noise", views=4, size=360), "expired")
+    url, listed = _in_s3(s3_server, noise_shard(tmp_path / "noise", views=4, size=360), "expired")
     shard = listed[0]
     # A stall (not a reset, whose RST may discard bytes the client had not read yet) puts the
     # break at a known byte, well past the first samples.
