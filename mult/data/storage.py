@@ -12,7 +12,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     from mult.data.retry import RetryPolicy
@@ -157,36 +157,32 @@ class LocalStorage(Storage):
     def open_read(self, rel: str) -> IO[bytes]:
         return open(self._path(rel), "rb")
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        path = self._path(rel)
+    def _replace(self, path: Path, write: Callable[[Path], object]) -> None:
+        """``write(tmp)`` a hidden temporary next to ``path``, then ``os.replace`` it into place
+        (the temporary is removed whatever happens)."""
         tmp = self._tmp_for(path)
         try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        self._replace(self._path(rel), write)
 
     def upload_file(self, local_path: str | os.PathLike, rel: str) -> None:
-        path = self._path(rel)
-        tmp = self._tmp_for(path)
-        try:
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        self._replace(self._path(rel), lambda tmp: shutil.copyfile(local_path, tmp))
 
     def download_file(self, rel: str, local_path: str | os.PathLike) -> None:
         src, dest = self._path(rel), Path(local_path)
         ensure_free_space(dest.parent, src.stat().st_size, f"a copy of {src}")
-        tmp = self._tmp_for(dest)
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        self._replace(dest, lambda tmp: shutil.copyfile(src, tmp))
 
     def exists(self, rel: str) -> bool:
         return self._path(rel).is_file()
