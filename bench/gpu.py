@@ -144,25 +144,6 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_batch(tasks: Sequence[str], batch: int, size: int) -> dict[str, Any]:
-    """A loader-shaped batch (see :func:`mult.data.loader.make_loader`), every pixel valid."""
-    import torch
-
-    from mult.tasks import get_task
-
-    gen = torch.Generator().manual_seed(batch)
-    targets = {}
-    for task in tasks:
-        spec = get_task(task)
-        if spec.kind == "classification":
-            targets[task] = torch.randint(1, spec.channels, (batch, size, size), generator=gen)
-        else:
-            targets[task] = torch.randn(batch, spec.channels, size, size, generator=gen)
-    return {"key": [str(i) for i in range(batch)], "rgb": torch.randn(batch, 3, size, size, generator=gen),
-            "targets": targets, "valid": {t: torch.ones(batch, size, size, dtype=torch.bool) for t in tasks},
-            "bad_samples": 0}
-
-
 def peak_memory(device) -> tuple[int, str]:
     import torch
 
@@ -272,9 +253,10 @@ def measure_steps(args, cfg, model, combiner, optimizer, device, batch: int, *, 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mult.data.smoke import random_batch
     from mult.training.step import train_step
 
-    data = random_batch(cfg.tasks, batch, cfg.model.img_size)
+    data = random_batch(cfg.tasks, batch, cfg.model.img_size, seed=batch)
 
     def step() -> float:
         sync(device)

@@ -174,27 +174,11 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"mode": args.mode, "cuda_peak_bytes": torch.cuda.max_memory_allocated()}
 
 
-def synthetic_batch(cfg, batch: int, size: int) -> dict[str, Any]:
-    """A loader-shaped batch with random targets for every task, every pixel valid."""
-    from mult.tasks import get_task
-
-    gen = torch.Generator().manual_seed(0)
-    targets = {}
-    for task in cfg.tasks:
-        spec = get_task(task)
-        if spec.kind == "classification":
-            targets[task] = torch.randint(1, spec.channels, (batch, size, size), generator=gen)
-        else:
-            targets[task] = torch.randn(batch, spec.channels, size, size, generator=gen)
-    valid = {t: torch.ones(batch, size, size, dtype=torch.bool) for t in cfg.tasks}
-    return {"rgb": torch.randn(batch, 3, size, size, generator=gen), "targets": targets, "valid": valid,
-            "key": [str(i) for i in range(batch)]}
-
-
 def paper_worker(args: argparse.Namespace) -> dict[str, Any]:
     """The paper model's training step in one mode, on the CPU, in this (fresh) process."""
     from itertools import repeat
 
+    from mult.data.smoke import random_batch
     from mult.model import count_parameters
     from mult.training.optim import build_optimizer
     from mult.training.step import train_step
@@ -205,7 +189,7 @@ def paper_worker(args: argparse.Namespace) -> dict[str, Any]:
     build_s = time.perf_counter() - t0
     combiner = build_loss_combiner(cfg)
     optimizer = build_optimizer(model, cfg.optim, combiner)
-    batch = synthetic_batch(cfg, 1, model.img_size)
+    batch = random_batch(cfg.tasks, 1, model.img_size)
     device = torch.device("cpu")
 
     def step() -> float:

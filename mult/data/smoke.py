@@ -1,4 +1,5 @@
-"""A tiny generated dataset, sharded, for ``--smoke-test`` runs that name no data.
+"""Stand-in data: a tiny generated dataset, sharded, for ``--smoke-test`` runs that name no
+data, and random loader-shaped batches for benchmarks that time a step, not its data.
 
 The project's generator renders Taskonomy-format trees (real encodings, real layout) and the
 shard writer converts them, exactly as ``pipelines.synth`` and ``pipelines.shard`` would; no
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +60,23 @@ def make_smoke_dataset(
         log.info("smoke %s split: %d samples in %d shards at %s", split, manifest["num_samples"],
                  len(manifest["shards"]), url)
     return urls["train"], urls["val"]
+
+
+def random_batch(tasks: Sequence[str], batch: int, size: int, seed: int = 0) -> dict[str, Any]:
+    """A batch shaped like :func:`mult.data.loader.make_loader`'s, with random images and
+    targets for ``tasks`` at ``size``² (classes drawn from 1.., every pixel valid)."""
+    import torch
+
+    from mult.tasks import get_task
+
+    gen = torch.Generator().manual_seed(seed)
+    targets = {}
+    for task in tasks:
+        spec = get_task(task)
+        if spec.kind == "classification":
+            targets[task] = torch.randint(1, spec.channels, (batch, size, size), generator=gen)
+        else:
+            targets[task] = torch.randn(batch, spec.channels, size, size, generator=gen)
+    return {"key": [str(i) for i in range(batch)], "rgb": torch.randn(batch, 3, size, size, generator=gen),
+            "targets": targets, "valid": {t: torch.ones(batch, size, size, dtype=torch.bool) for t in tasks},
+            "bad_samples": 0}
