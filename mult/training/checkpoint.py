@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import tempfile
 from pathlib import Path
@@ -180,14 +179,15 @@ def tensor_bytes(obj: Any) -> int:
 
 
 def mark_complete(directory: str | Path) -> None:
-    """Write ``complete.json`` for the files in ``directory`` (atomically: a temporary name, then
-    a rename). Call it only once every other file is whole."""
+    """Write ``complete.json`` for the files in ``directory`` (atomically, as every local
+    storage write: a temporary name, then a rename). Call it only once every other file is whole."""
     directory = Path(directory)
     files = {p.name: p.stat().st_size for p in sorted(directory.iterdir())
              if p.is_file() and p.name != COMPLETE_FILE and not p.name.startswith(".")}
-    tmp = directory / f".{COMPLETE_FILE}.tmp"
-    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
-    os.replace(tmp, directory / COMPLETE_FILE)
+    from mult.data.storage import LocalStorage
+
+    LocalStorage(directory).write_bytes(
+        COMPLETE_FILE, json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1).encode())
 
 
 def why_incomplete(files: dict[str, int], marker: bytes | None, names: tuple[str, ...] | None = None) -> str | None:
